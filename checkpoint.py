@@ -1,11 +1,11 @@
 """Crash-safe model and training-state files in safetensors, never pickle.
 
-A model file holds `model.<param>` tensors and, for trained models, `ema.<param>` tensors. Its
-safetensors metadata carries the UNet config and the diffusion settings as JSON, so the file alone
-rebuilds the model. Training checkpoints are `ckpt_<step:07d>.safetensors` with a JSON sidecar of the
-same stem, and resumable runs add `ckpt_<step:07d>.train.safetensors` with optimizer moments and RNG
-states. Every file is written to a temporary name, flushed, fsynced and renamed, so a killed job or a
-full disk leaves the previous checkpoint readable.
+A model file holds `model.<param>` tensors and, for trained models, `ema.<param>` tensors.
+Its safetensors metadata carries the UNet config and the diffusion settings as JSON, so the
+file alone rebuilds the model. Training checkpoints are `ckpt_<step:07d>.safetensors` with a
+JSON sidecar of the same stem, and resumable runs add `ckpt_<step:07d>.train.safetensors` with
+optimizer moments and RNG states. Every file is written to a temporary name, flushed, fsynced
+and renamed, so a killed job or a full disk leaves the previous checkpoint readable.
 """
 
 import json
@@ -171,7 +171,7 @@ def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer) -> d
     except (SafetensorError, OSError, RuntimeError) as err:
         raise ValueError(
             f"training state {path} is unreadable ({err}); resume from an earlier step"
-        )
+        ) from err
 
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():

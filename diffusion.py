@@ -39,7 +39,8 @@ class DiffusionConfig:
     def __post_init__(self):
         if self.variance_type not in VARIANCE_TYPES:
             raise ValueError(
-                f"variance_type {self.variance_type!r} is not supported; use one of {VARIANCE_TYPES}"
+                f"variance_type {self.variance_type!r} is not supported; "
+                f"use one of {VARIANCE_TYPES}"
             )
         if self.T < 1:
             raise ValueError(f"T={self.T} must be a positive number of diffusion steps")
@@ -230,8 +231,9 @@ class Diffusion:
         """One DDIM step from t to t_prev (-1 = data).
 
         Song et al. 2021, eq. 12: x_prev = sqrt(alpha_bar_prev) * x_0_pred
-        + sqrt(1 - alpha_bar_prev - sigma^2) * eps_pred + sigma * noise, with
-        sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)) * sqrt(1 - alpha_bar_t / alpha_bar_prev).
+        + sqrt(1 - alpha_bar_prev - sigma^2) * eps_pred + sigma * noise, with eq. 16:
+        sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)
+                           * (1 - alpha_bar_t / alpha_bar_prev)).
         With clip_sample, x_0_pred is clipped and eps_pred is used unchanged, as diffusers'
         DDIMScheduler does by default.
         """
@@ -289,10 +291,11 @@ class Diffusion:
     def nll(self, model: EpsModel, x_0: torch.Tensor, generator: torch.Generator | None = None):
         """Variational bound on -log p(x_0) for 8-bit images x_0 in [-1, 1].
 
-        Returns per-image tensors: `bpd` (bits/dim), `nats` (nats/image), `terms_bpd` (B, T) with
-        the decoder term -log p(x_0 | x_1) at t = 0 and KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t))
-        at t >= 1, and `prior_bpd`, KL(q(x_T | x_0) || N(0, I)). Each term is averaged over
-        dimensions and divided by ln 2 (Ho et al. 2020, eq. 5). One network forward per t.
+        Returns per-image tensors: `bpd` (bits/dim), `nats` (nats/image), `terms_bpd` (B, T)
+        with the decoder term -log p(x_0 | x_1) at t = 0 and
+        KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) at t >= 1, and `prior_bpd`,
+        KL(q(x_T | x_0) || N(0, I)). Each term is averaged over dimensions and divided by ln 2
+        (Ho et al. 2020, eq. 5). One network forward per t.
         """
         x_0 = x_0.float()
         batch = x_0.shape[0]

@@ -52,7 +52,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: str | Path, record: dict) -> None:
     """Write `record` as indented JSON, atomically."""
-    text = json.dumps(record, indent=2, sort_keys=True) + "\n"
+    text = json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 

@@ -179,8 +179,6 @@ def corrupted_sets(
 
 def sample_quality(args, model, diffusion, step: int) -> dict:
     """Return FID and IS of the model's samples from metrics.evaluate, or why they are missing."""
-    if args.fid_samples == 0:
-        return {"fid": None, "is_mean": None, "is_std": None, "not_computed": "--fid-samples 0"}
     return metrics.evaluate(
         model,
         diffusion,
@@ -193,6 +191,7 @@ def sample_quality(args, model, diffusion, step: int) -> dict:
         out_dir=Path(args.out) / f"fid_step{step:07d}",
         inception=args.inception,
         batch_size=args.eval_batch_size,
+        image_size=model.config.sample_size,
     )
 
 

@@ -223,38 +223,30 @@ def evaluate_model(args, model, diffusion, nll_sets, noise, name, out_dir) -> di
     result["grid"] = str(grid)
 
     # FID and IS against the training set.
-    result["quality"] = None
-    if args.quality_skipped is None:
-        result["quality"] = metrics.evaluate(
-            model,
-            diffusion,
-            dataset=args.dataset,
-            data_root=args.data,
-            steps=args.sample_steps,
-            sampler=args.sampler,
-            n_samples=args.fid_samples,
-            seed=args.seed,
-            out_dir=out_dir / f"fid_{name}",
-            inception=args.inception,
-            batch_size=args.eval_batch_size,
-        )
+    result["quality"] = metrics.evaluate(
+        model,
+        diffusion,
+        dataset=args.dataset,
+        data_root=args.data,
+        steps=args.sample_steps,
+        sampler=args.sampler,
+        n_samples=args.fid_samples,
+        seed=args.seed,
+        out_dir=out_dir / f"fid_{name}",
+        inception=args.inception,
+        batch_size=args.eval_batch_size,
+        image_size=args.image_size,
+    )
 
     forget, keep = result["forget_nll"], result["keep_nll"]
     log_event(
         out_dir,
         f"eval {name} | forget nll {forget['bpd_mean']:.4f} bits/dim ({forget['n_images']} "
         f"images) | keep nll {keep['bpd_mean']:.4f} bits/dim ({keep['n_images']} images) | "
-        f"{format_quality(result['quality'], args.quality_skipped)}",
+        f"{metrics.format_protocol(result['quality'])}",
         {"event": "eval", "model": name, **result},
     )
     return result
-
-
-def format_quality(quality: dict | None, skipped: str | None) -> str:
-    """Format FID and IS of a metrics.evaluate result, or the reason they were skipped."""
-    if quality is None:
-        return f"FID and IS skipped: {skipped}"
-    return metrics.format_protocol(quality)
 
 
 def format_nll(nll: dict, unit: str) -> str:
@@ -344,7 +336,7 @@ def write_report(args, before: dict, runs: list[dict], out_dir: Path) -> str:
         f"{nll_images[0]} forget and {nll_images[1]} keep images of the {args.nll_split} split, "
         f"noise seed {args.seed}; {args.steps} steps of batch {args.batch_size} pairs, AdamW lr "
         f"{args.lr:g}; sample grids: {args.sampler} {args.sample_steps} steps from the same noise "
-        f"(seed {args.seed}); {format_quality(before['quality'], args.quality_skipped)}"
+        f"(seed {args.seed}); {metrics.format_protocol(before['quality'])}"
     )
     grids = [f"![before]({Path(before['grid']).relative_to(out_dir)})"]
     grids += [f"![{r['strength']}]({Path(r['after']['grid']).relative_to(out_dir)})" for r in runs]
@@ -480,30 +472,12 @@ def first_images(images: torch.Tensor, count: int, description: str) -> torch.Te
     return images[:count]
 
 
-def quality_skipped(args) -> str | None:
-    """Return why FID and IS cannot be measured for this run, or None when they can."""
-    if args.fid_samples == 0:
-        return "--fid-samples 0"
-    # NOTE: metrics.evaluate samples at the dataset's standard size only, so a model of another
-    # size (such as a 64x64 CelebA-HQ model) gets no FID or IS here.
-    standard_size = metrics.DATASET_DEFAULTS[args.dataset]["image_size"]
-    if args.image_size != standard_size:
-        return (
-            f"metrics.evaluate samples at {standard_size}x{standard_size}, but the model is "
-            f"{args.image_size}x{args.image_size}"
-        )
-    return None
-
-
 def run(args) -> list[dict]:
     """Evaluate the base model, unlearn with every strength, evaluate each result, and report."""
     out_dir = args.out
     base, diffusion_config = load_model(args.base, weights="ema", device=args.device)
     args.image_size = base.config.sample_size
     args.T = diffusion_config.T
-    args.quality_skipped = quality_skipped(args)
-    if args.quality_skipped and args.fid_samples > 0:
-        warn(f"FID and IS skipped: {args.quality_skipped}")
     save_config(out_dir, vars(args))
     diffusion = Diffusion(diffusion_config, args.device)
 

@@ -8,8 +8,10 @@ optimizer moments and RNG states. Every file is written to a temporary name, flu
 and renamed, so a killed job or a full disk leaves the previous checkpoint readable.
 """
 
+import glob
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +28,38 @@ FORMAT = "ddpm-stability/1"
 # ---------------------------------------------------------------- atomic writes
 
 
+def temporary_prefix(path: Path) -> str:
+    """Return the name prefix of this process's temporary files for `path`."""
+    return f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files of `path` whose writer, a process on this host, has died."""
+    host_prefix = f".{path.name}.{socket.gethostname()}"
+    for stale in path.parent.glob(f"{glob.escape(host_prefix)}.*.tmp"):
+        # The name is <host_prefix>.<pid>.<random>.tmp, and mkstemp's random part has no dots.
+        prefix, pid, _ = stale.name.removesuffix(".tmp").rsplit(".", 2)
+        if prefix != host_prefix or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            stale.unlink(missing_ok=True)
+        except PermissionError:
+            continue
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Run `write(tmp_path)`, fsync the result and rename it onto `path`."""
+    """Run `write(tmp_path)`, fsync the result and rename it onto `path`.
+
+    The temporary file is `.<name>.<host>.<pid>.<random>.tmp` beside `path`. It is deleted when
+    `write` raises, for example on a full disk, and a later write of `path` deletes those that a
+    killed process left.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

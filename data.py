@@ -151,7 +151,10 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         raise ValueError(f"{name} must be uint8 or float in [-1, 1], got {images.dtype}")
     bad = int((~torch.isfinite(images)).sum())
     if bad:
-        raise ValueError(f"{name} contain {bad:,} non-finite values (NaN or inf)")
+        raise ValueError(
+            f"{name} contain {bad:,} non-finite values (NaN or inf); "
+            f"drop or repair those images before training"
+        )
     low, high = images.min().item(), images.max().item()
     if low < -1 or high > 1:
         raise ValueError(

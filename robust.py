@@ -34,6 +34,7 @@ import math
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 import metrics
 from checkpoint import atomic_write, load_model, write_json
@@ -56,6 +57,7 @@ from train import (
     default_amp,
     select_device,
     set_dropout,
+    setup_distributed,
     train_loop,
 )
 from unet import pretrained_path
@@ -485,7 +487,7 @@ def main(argv=None) -> list[dict]:
             "to continue that run, or choose a new --out"
         )
     args.base = str(Path(args.base) if args.base else pretrained_path(args.dataset, args.cache_dir))
-    save_config(args.out, vars(args))
+    rank, _ = setup_distributed(device)
 
     # The model to fine-tune, with the training dropout, and its diffusion settings.
     model, diffusion_config = load_model(args.base, weights="ema", device=device)
@@ -505,13 +507,18 @@ def main(argv=None) -> list[dict]:
     robust_sets = corrupted_sets(
         test_images[: args.robust_images], args.corruptions, args.severity, args.seed
     )
-    grid_generator = torch.Generator().manual_seed(args.seed)
-    save_corruption_grid(
-        test_images[: args.grid_images].float() / 255,
-        out_dir / "corruption_grid.png",
-        grid_generator,
-        family=args.corruptions,
-    )
+    batches = BatchIterator(train_images, args.batch_size, seed=args.seed)
+
+    # Files are written once the inputs are checked, so a rejected run leaves none.
+    if rank == 0:
+        save_config(args.out, vars(args))
+        grid_generator = torch.Generator().manual_seed(args.seed)
+        save_corruption_grid(
+            test_images[: args.grid_images].float() / 255,
+            out_dir / "corruption_grid.png",
+            grid_generator,
+            family=args.corruptions,
+        )
 
     # Fine-tune with the shared loop. Each batch is corrupted before the forward process.
     def corrupt(x_0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -535,11 +542,17 @@ def main(argv=None) -> list[dict]:
         compile=args.compile,
     )
     sidecar = {"script": "robust.py", "dataset": args.dataset, "args": vars(args)}
-    batches = BatchIterator(train_images, args.batch_size, seed=args.seed)
     train_loop(
         model, diffusion, batches, config, args.out, sidecar, augment=corrupt, resume=args.resume
     )
     del model
+
+    # Under torchrun every process trains, and only the first one evaluates.
+    # NOTE: rank 0 draws every FID sample alone, because metrics.evaluate takes no worker share.
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return []
 
     # Evaluate the base model, then every checkpoint, and rewrite the report after each.
     models = [(BASE_LABEL, 0, Path(args.base))]

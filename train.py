@@ -118,6 +118,21 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def check_same_architecture(path: Path, saved: UNet, model: UNet) -> None:
+    """Raise ValueError when the UNet saved in `path` differs from `model` beyond dropout."""
+    saved_config, config = saved.config.to_dict(), model.config.to_dict()
+    differences = [
+        f"{key}={saved_config.get(key)!r} (this run: {value!r})"
+        for key, value in config.items()
+        if key != "dropout" and saved_config.get(key) != value
+    ]
+    if differences:
+        raise ValueError(
+            f"cannot resume from {path}: its UNet has {', '.join(differences)}; "
+            "resume with the model settings of that run, or choose a new --out"
+        )
+
+
 @dataclass
 class TrainConfig:
     """Settings of one `train_loop` run."""
@@ -205,6 +220,7 @@ def train_loop(
                 "drop --resume to start a new run"
             )
         resumed, _ = load_model(path, weights="model", device=device)
+        check_same_architecture(path, resumed, unwrap(model))
         model.load_state_dict(resumed.state_dict())
         resumed_ema, _ = load_model(path, weights="ema", device=device)
         ema.load_state_dict(resumed_ema.state_dict())
@@ -383,8 +399,6 @@ def main(argv=None):
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     torch.manual_seed(args.seed)
     rank, _ = setup_distributed(device)
-    if rank == 0:
-        save_config(args.out, vars(args))
 
     # Model: a new preset, or an existing checkpoint continued.
     if args.init:
@@ -403,6 +417,10 @@ def main(argv=None):
     size = args.image_size or model.config.sample_size
     images, _ = load_dataset(args.dataset, args.data, "train", size=size)
     batches = BatchIterator(images, args.batch_size, seed=args.seed)
+
+    # The configuration is written once the inputs are checked, so a rejected run leaves no files.
+    if rank == 0:
+        save_config(args.out, vars(args))
 
     config = TrainConfig(
         steps=args.steps,

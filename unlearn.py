@@ -24,11 +24,11 @@ import argparse
 import copy
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torchvision.utils import save_image
 
 import metrics
@@ -44,6 +44,7 @@ from train import (
     latest_checkpoint,
     select_device,
     set_dropout,
+    setup_distributed,
     train_loop,
 )
 from unet import pretrained_path
@@ -165,6 +166,14 @@ def forget_grad_norm_backward(norm: float):
         parameters = [p for p in model.parameters() if p.requires_grad]
         grads_forget = torch.autograd.grad(loss_forget, parameters, retain_graph=True)
         loss_keep.backward()
+
+        # DistributedDataParallel averages only what backward() computes, so g_forget by hand.
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads_forget])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            chunks = flat.split([g.numel() for g in grads_forget])
+            grads_forget = [c.view_as(g) for c, g in zip(chunks, grads_forget, strict=True)]
         forget_norm = torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(g) for g in grads_forget])
         )
@@ -384,7 +393,7 @@ def unlearn(args, base, diffusion, keep, forget, strength: Strength, out_dir: Pa
     latest = latest_checkpoint(out_dir) if args.resume else None
     if final.is_file():
         log_event(
-            out_dir,
+            out_dir if not dist.is_initialized() or dist.get_rank() == 0 else None,
             f"{strength.label}: reusing {final}",
             {"event": "reuse", "path": str(final)},
         )
@@ -473,18 +482,21 @@ def first_images(images: torch.Tensor, count: int, description: str) -> torch.Te
 
 
 def run(args) -> list[dict]:
-    """Evaluate the base model, unlearn with every strength, evaluate each result, and report."""
+    """Unlearn with every strength, then evaluate the base model and each result, and report.
+
+    Under torchrun every process trains, and only the first one evaluates and writes the report.
+    """
+    rank, _ = setup_distributed(torch.device(args.device))
     out_dir = args.out
     base, diffusion_config = load_model(args.base, weights="ema", device=args.device)
     args.image_size = base.config.sample_size
     args.T = diffusion_config.T
-    save_config(out_dir, vars(args))
-    diffusion = Diffusion(diffusion_config, args.device)
 
     # Keep and forget sets of the training split, and the NLL sets of --nll-split.
     images, masks = load_dataset(args.dataset, args.data, "train", size=args.image_size)
     keep, forget = split_keep_forget(images, masks, args.forget)
-    print(f"data: keep set {len(keep):,} images, forget set `{args.forget}` {len(forget):,}")
+    if rank == 0:
+        print(f"data: keep set {len(keep):,} images, forget set `{args.forget}` {len(forget):,}")
     if args.nll_split != "train":
         images, masks = load_dataset(args.dataset, args.data, args.nll_split, size=args.image_size)
     nll_keep, nll_forget = split_keep_forget(images, masks, args.forget)
@@ -493,26 +505,41 @@ def run(args) -> list[dict]:
         "keep": first_images(nll_keep, args.nll_images, f"{args.nll_split} keep-set"),
     }
 
+    # Inputs and the settings of runs to reuse or resume are checked before any file is written.
+    for strength in args.strengths:
+        check_run_folder(args, out_dir / strength.folder)
+    if rank == 0:
+        save_config(out_dir, vars(args))
+    diffusion = Diffusion(diffusion_config, args.device)
+
+    # Every process trains each strength; a finished run is reused.
+    for strength in args.strengths:
+        unlearn(args, base, diffusion, keep, forget, strength, out_dir / strength.folder)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return []
+
+    # NOTE: rank 0 draws every FID sample alone, because metrics.evaluate takes no worker share.
     # The same noise x_T for every sample grid.
     generator = torch.Generator(args.device).manual_seed(args.seed)
     shape = (args.grid_images, 3, args.image_size, args.image_size)
     noise = torch.randn(shape, generator=generator, device=args.device)
 
-    # Settings of runs to reuse or resume are checked before the first expensive evaluation.
-    for strength in args.strengths:
-        check_run_folder(args, out_dir / strength.folder)
+    # The base model, then the final checkpoint of every strength.
     before = evaluate_model(args, base, diffusion, nll_sets, noise, "before", out_dir)
     runs = []
     for strength in args.strengths:
         run_dir = out_dir / strength.folder
-        model = unlearn(args, base, diffusion, keep, forget, strength, run_dir)
+        path = checkpoint_path(run_dir, args.steps)
+        model, _ = load_model(path, weights="model", device=args.device)
         after = evaluate_model(args, model, diffusion, nll_sets, noise, "after", run_dir)
         runs.append(
             {
                 "strength": strength.label,
                 "mode": strength.mode,
                 "value": strength.value,
-                "checkpoint": str(checkpoint_path(run_dir, args.steps)),
+                "checkpoint": str(path),
                 "after": after,
             }
         )
@@ -635,11 +662,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError(
-            "unlearn.py runs in one process, but WORLD_SIZE is set above 1; start it without "
-            "torchrun and lower --batch-size if memory is short"
-        )
     device = select_device(args.device)
     args.device = str(device)
     args.amp = args.amp or default_amp(device)

@@ -234,8 +234,11 @@ class Diffusion:
         + sqrt(1 - alpha_bar_prev - sigma^2) * eps_pred + sigma * noise, with eq. 16:
         sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)
                            * (1 - alpha_bar_t / alpha_bar_prev)).
-        With clip_sample, x_0_pred is clipped and eps_pred is used unchanged, as diffusers'
-        DDIMScheduler does by default.
+        With clip_sample, x_0_pred is clipped and eps_pred is recomputed from it, as
+        improved-diffusion's DDIM sampler does (diffusers' DDIMScheduler with
+        use_clipped_model_output=True). Keeping the unclipped eps_pred makes the step
+        inconsistent with x_t, and then the 500- and 1000-step trajectories of one model drift
+        apart, which would break the trajectory matching of distill.py.
         """
         alpha_bar = self.alpha_bar[t]
         alpha_bar_prev = self.alpha_bar[t_prev] if t_prev >= 0 else self.alpha_bar.new_tensor(1.0)
@@ -243,6 +246,7 @@ class Diffusion:
         x_0_pred = (x_t - (1 - alpha_bar).sqrt() * eps_pred) / alpha_bar.sqrt()
         if self.config.clip_sample:
             x_0_pred = x_0_pred.clamp(-1, 1)
+            eps_pred = (x_t - alpha_bar.sqrt() * x_0_pred) / (1 - alpha_bar).sqrt()
         sigma = (
             eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
         )

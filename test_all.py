@@ -319,7 +319,12 @@ def test_ddim_step_matches_diffusers(eta, steps):
         t = ours[i]
         t_prev = ours[i + 1] if i + 1 < len(ours) else -1
         expected = scheduler.step(
-            eps_pred, t, x_t, eta=eta, generator=torch.Generator().manual_seed(3)
+            eps_pred,
+            t,
+            x_t,
+            eta=eta,
+            use_clipped_model_output=True,
+            generator=torch.Generator().manual_seed(3),
         ).prev_sample
         noise = torch.randn(
             x_t.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64

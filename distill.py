@@ -46,13 +46,13 @@ from data import load_dataset
 from diffusion import Diffusion
 from logs import log_event, save_config
 from train import (
+    add_runtime_args,
     autocast,
     check_same_architecture,
     checkpoint_path,
-    default_amp,
     eps_model,
     latest_checkpoint,
-    select_device,
+    resolve_runtime,
     setup_distributed,
     step_seed,
 )
@@ -387,14 +387,7 @@ def parse_args(argv=None):
         "--resume", action="store_true", help="continue unfinished stages from their checkpoints"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of noise and evaluation")
-    parser.add_argument("--amp", choices=["bf16", "off"], help="autocast (default bf16 on GPU)")
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the UNet (default: on GPU)",
-    )
-    parser.add_argument("--device", help="torch device (default: cuda if available)")
+    add_runtime_args(parser)
     args = parser.parse_args(argv)
     for key, value in PAPER_SETTINGS[args.dataset].items():
         if getattr(args, key) is None:
@@ -461,9 +454,7 @@ def train_stages(args, base, diffusion, out_dir: Path, device) -> list:
 
 def main(argv=None):
     args = parse_args(argv)
-    device = select_device(args.device)
-    args.amp = args.amp or default_amp(device)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    device = resolve_runtime(args)
     rank, _ = setup_distributed(device)
     out_dir = Path(args.out)
     teacher_path = (

@@ -53,9 +53,9 @@ from logs import log_event, save_config, warn
 from train import PAPER_SETTINGS as TRAIN_SETTINGS
 from train import (
     TrainConfig,
+    add_runtime_args,
     checkpoint_path,
-    default_amp,
-    select_device,
+    resolve_runtime,
     set_dropout,
     setup_distributed,
     train_loop,
@@ -431,14 +431,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grid-images", type=int, default=8, help="images in the corruption grid")
     parser.add_argument("--log-every", type=int, default=50, help="steps per log line")
     parser.add_argument("--seed", type=int, default=0, help="seed of data, noise and evaluation")
-    parser.add_argument("--amp", choices=["bf16", "off"], help="autocast (default bf16 on GPU)")
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the UNet for training (default: on GPU)",
-    )
-    parser.add_argument("--device", help="torch device (default: cuda if available)")
+    add_runtime_args(parser)
     parser.add_argument(
         "--resume", action="store_true", help="continue from --out's latest checkpoint"
     )
@@ -473,10 +466,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    device = select_device(args.device)
-    args.device = str(device)
-    args.amp = args.amp or default_amp(device)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    device = resolve_runtime(args)
 
     # Reject a run that would overwrite the checkpoints of an earlier one.
     out_dir = Path(args.out)

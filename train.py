@@ -67,6 +67,27 @@ def default_amp(device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "off"
 
 
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Add --amp, --compile and --device, the run-time flags every script shares."""
+    parser.add_argument("--amp", choices=["bf16", "off"], help="autocast (default bf16 on GPU)")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the UNet (default: on GPU)",
+    )
+    parser.add_argument("--device", help="torch device (default: cuda if available)")
+
+
+def resolve_runtime(args: argparse.Namespace) -> torch.device:
+    """Fill in the defaults of --amp, --compile and --device; return the device."""
+    device = select_device(args.device)
+    args.device = str(device)
+    args.amp = args.amp or default_amp(device)
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    return device
+
+
 def eps_model(model: torch.nn.Module, amp: str, compile: bool) -> Callable:
     """Wrap `model` as the `model(x_t, t) -> eps_pred` callable that diffusion.py expects."""
     net = torch.compile(model) if compile else model
@@ -372,14 +393,7 @@ def parse_args(argv=None):
     parser.add_argument("--log-every", type=int, default=100, help="steps per log line")
     parser.add_argument("--save-every", type=int, default=5000, help="steps per checkpoint")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and noise")
-    parser.add_argument("--amp", choices=["bf16", "off"], help="autocast (default bf16 on GPU)")
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the UNet (default: on GPU)",
-    )
-    parser.add_argument("--device", help="torch device (default: cuda if available)")
+    add_runtime_args(parser)
     parser.add_argument(
         "--resume", action="store_true", help="continue from --out's latest checkpoint"
     )
@@ -394,9 +408,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = select_device(args.device)
-    args.amp = args.amp or default_amp(device)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    device = resolve_runtime(args)
     torch.manual_seed(args.seed)
     rank, _ = setup_distributed(device)
 

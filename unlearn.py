@@ -38,11 +38,11 @@ from diffusion import SAMPLERS, Diffusion
 from logs import log_event, save_config, warn
 from train import (
     TrainConfig,
+    add_runtime_args,
     checkpoint_path,
-    default_amp,
     eps_model,
     latest_checkpoint,
-    select_device,
+    resolve_runtime,
     set_dropout,
     setup_distributed,
     train_loop,
@@ -634,14 +634,7 @@ def parse_args(argv=None):
         "--eval-batch-size", type=int, default=64, help="images per batch for NLL and sampling"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and noise")
-    parser.add_argument("--amp", choices=["bf16", "off"], help="autocast (default bf16 on GPU)")
-    parser.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the UNet while unlearning (default: on GPU)",
-    )
-    parser.add_argument("--device", help="torch device (default: cuda if available)")
+    add_runtime_args(parser)
     parser.add_argument(
         "--resume", action="store_true", help="continue unfinished runs from their checkpoints"
     )
@@ -662,10 +655,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = select_device(args.device)
-    args.device = str(device)
-    args.amp = args.amp or default_amp(device)
-    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    resolve_runtime(args)
     args.base = str(args.base or pretrained_path(args.dataset, args.cache_dir))
     run(args)
 

@@ -1,6 +1,6 @@
 """Crash-safe model and training-state files in safetensors, never pickle.
 
-A model file holds `model.<param>` tensors and, for trained models, `ema.<param>` tensors.
+A model file contains `model.<param>` tensors and, for trained models, `ema.<param>` tensors.
 Its safetensors metadata carries the UNet config and the diffusion settings as JSON, so the
 file alone rebuilds the model. Training checkpoints are `ckpt_<step:07d>.safetensors` with a
 JSON sidecar of the same stem, and resumable runs add `ckpt_<step:07d>.train.safetensors` with

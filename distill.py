@@ -253,7 +253,7 @@ def distill_stage(args, stage, teacher, diffusion, out_dir, device):
 
 
 def fixed_noise(args, count, device):
-    """The evaluation noise: the same images for every model and stage."""
+    """Draw the evaluation noise, the same for every model and stage."""
     generator = torch.Generator(device=device).manual_seed(args.seed + 10_000)
     shape = (count, 3, args.image_size, args.image_size)
     return torch.randn(shape, device=device, generator=generator)

@@ -63,7 +63,7 @@ def autocast(amp: str, device: torch.device):
 
 
 def default_amp(device: torch.device) -> str:
-    """bf16 on GPUs, fp32 elsewhere."""
+    """Return the default autocast: bf16 on GPUs, off (fp32) elsewhere."""
     return "bf16" if device.type == "cuda" else "off"
 
 
@@ -109,7 +109,7 @@ def set_dropout(model: UNet, p: float) -> None:
 
 
 def step_seed(seed: int, step: int) -> int:
-    """An independent 63-bit seed for one training step, from numpy's SeedSequence."""
+    """Derive an independent 63-bit seed for one training step with numpy's SeedSequence."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -130,7 +130,7 @@ def checkpoint_path(out_dir: Path, step: int) -> Path:
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The highest-step checkpoint in `out_dir` that has a training state beside it."""
+    """Return the highest-step checkpoint in `out_dir` that has a training state beside it."""
     found = []
     for path in Path(out_dir).glob("ckpt_*.safetensors"):
         match = re.fullmatch(r"ckpt_(\d{7})\.safetensors", path.name)
@@ -178,7 +178,7 @@ StepFn = Callable[..., torch.Tensor]
 
 
 def ddpm_step(diffusion: Diffusion) -> StepFn:
-    """The plain L_simple step: mean loss over the local batch."""
+    """Return the plain L_simple step: the mean loss over the local batch."""
 
     def step(model, x_0, t, eps):
         return diffusion.training_loss(model, x_0, t, eps).mean()

@@ -65,6 +65,9 @@ from unet import pretrained_path
 # forward equivalents per image (1,000 teacher forwards, 500 student forwards and backwards), so
 # at an assumed 100 TFLOP/s stage 1 takes an estimated 3 GPU-hours on CIFAR-10 (12.1 GFLOP per
 # forward) and 5.5 on CelebA-HQ (496 GFLOP per forward); these are estimates, not measurements.
+# NOTE: lr 5e-5 is SFD's for students with a few steps. At 500 and 250 steps the undistilled
+# teacher is already within L1 0.002 of its 1000-step samples, and in the tiny CPU run of
+# RESULTS.md 30 Adam updates at this lr moved the student away from the teacher instead.
 PAPER_SETTINGS = {
     "cifar10": dict(
         batch_size=128,

@@ -765,7 +765,7 @@ def reference_statistics(
     images_sha256 = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
     resize = f"bilinear{INCEPTION_SIZE}"
     name = (
-        f"{dataset}{images.shape[-1]}-{split}-{len(images)}-{resize}-{images_sha256[:12]}-"
+        f"{dataset}-{images.shape[-1]}px-{split}-{len(images)}-{resize}-{images_sha256[:12]}-"
         f"{weights_sha256[:12]}"
     )
     path = (cache or cache_dir()) / "fid_stats" / f"{name}.npz"

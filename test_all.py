@@ -2335,7 +2335,9 @@ def test_evaluate_reports_scores_and_protocol(networks, tmp_path):
     assert "vs 12 cifar10 train images" in line
 
     # The reference statistics are cached, and the stats command writes the cached values.
-    cached = list((metrics.cache_dir() / "fid_stats").glob("cifar10-train-12-bilinear299-*.npz"))
+    cached = list(
+        (metrics.cache_dir() / "fid_stats").glob("cifar10-32px-train-12-bilinear299-*.npz")
+    )
     assert len(cached) == 1
     out = tmp_path / "reference.npz"
     command = ["stats", "--dataset", "cifar10", "--data", str(tmp_path / "cifar")]

@@ -395,6 +395,12 @@ def parse_args(argv=None):
     for key, value in PAPER_SETTINGS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key in ("batch_size", "trajectories", "nll_images", "l1_images", "grid_images"):
+        if getattr(args, key) < 1:
+            parser.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be at least 1")
+    for key in ("fid_samples", "steps_per_update", "save_every"):
+        if getattr(args, key) < 0:
+            parser.error(f"--{key.replace('_', '-')} {getattr(args, key)} must be 0 or more")
     args.out = args.out or f"runs/distill-{args.dataset}"
     return args
 

@@ -1266,6 +1266,7 @@ def run_training(out_dir, steps, resume=False, checkpoint_steps=(), batch_size=4
     return train_loop(model, diffusion, batches, config, out_dir, {"script": "test"}, resume=resume)
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_weights(tmp_path):
     straight, straight_ema = run_training(tmp_path / "straight", steps=6)
     run_training(tmp_path / "split", steps=4)
@@ -1280,6 +1281,7 @@ def test_resume_gives_identical_weights(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 def test_rolling_checkpoints_keep_requested_steps(tmp_path):
     run_training(tmp_path, steps=6, checkpoint_steps=(2,))
     names = sorted(p.name for p in tmp_path.glob("ckpt_*.safetensors"))
@@ -1294,6 +1296,7 @@ def test_resume_without_checkpoint_fails(tmp_path):
         run_training(tmp_path, steps=2, resume=True)
 
 
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_checkpoint(tmp_path):
     run_training(tmp_path, steps=2)
     before = (tmp_path / "ckpt_0000002.safetensors").read_bytes()

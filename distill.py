@@ -313,16 +313,6 @@ def evaluate_stage(args, stage, model, diffusion, steps, test_images, reference,
     return result
 
 
-def format_fid(quality: dict) -> str:
-    return "not computed" if quality["fid"] is None else f"{quality['fid']:.2f}"
-
-
-def format_is(quality: dict) -> str:
-    if quality["is_mean"] is None:
-        return "not computed"
-    return f"{quality['is_mean']:.2f} ± {quality['is_std']:.2f}"
-
-
 def write_report(results, args, out_dir):
     """Write results.json and a markdown table shaped like the study's Tables 1-2."""
     write_json(out_dir / "results.json", {"args": vars(args), "results": results})
@@ -336,8 +326,8 @@ def write_report(results, args, out_dir):
         control = r.get("control_l1")
         lines.append(
             f"| {r['stage']} | {r['steps']} | {nll['bpd_mean']:.4f} ± {nll['bpd_std']:.4f} | "
-            f"{nll['nats_mean']:.1f} ± {nll['nats_std']:.1f} | {format_fid(quality)} | "
-            f"{format_is(quality)} | {r['l1_to_base_1000']:.4f} | "
+            f"{nll['nats_mean']:.1f} ± {nll['nats_std']:.1f} | {metrics.format_fid(quality)} | "
+            f"{metrics.format_is(quality)} | {r['l1_to_base_1000']:.4f} | "
             f"{'—' if control is None else f'{control:.4f}'} |"
         )
     protocol = (

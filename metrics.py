@@ -1081,6 +1081,20 @@ def evaluate(
     return result
 
 
+def format_fid(quality: dict | None) -> str:
+    """Format the FID of an evaluate() result for a table cell, "n/a" when it is missing."""
+    if quality is None or quality["fid"] is None:
+        return "n/a"
+    return f"{quality['fid']:.2f}"
+
+
+def format_is(quality: dict | None) -> str:
+    """Format the IS of an evaluate() result as mean ± std, "n/a" when it is missing."""
+    if quality is None or quality["is_mean"] is None:
+        return "n/a"
+    return f"{quality['is_mean']:.2f} ± {quality['is_std']:.2f}"
+
+
 def format_protocol(result: dict) -> str:
     """Format an evaluate() result as one table line with its protocol."""
     if result["fid"] is None:

@@ -2848,8 +2848,8 @@ def test_paired_batches_resume_exactly():
     ],
 )
 def test_score_cells_handle_missing(quality, fid, inception_score):
-    assert unlearn.format_score(quality, "fid") == fid
-    assert unlearn.format_score(quality, "is") == inception_score
+    assert metrics.format_fid(quality) == fid
+    assert metrics.format_is(quality) == inception_score
 
 
 # ---------------------------------------------------------------------------- command line

@@ -264,16 +264,6 @@ def format_nll(nll: dict, unit: str) -> str:
     return f"{nll[f'{unit}_mean']:,.{digits}f} ± {nll[f'{unit}_std']:,.{digits}f}"
 
 
-def format_score(quality: dict | None, key: str) -> str:
-    """Format FID ("fid") or IS ("is") of a metrics.evaluate result for a table cell."""
-    if key == "fid":
-        fid = None if quality is None else quality["fid"]
-        return "n/a" if fid is None else f"{fid:.2f}"
-    if quality is None or quality["is_mean"] is None:
-        return "n/a"
-    return f"{quality['is_mean']:.2f} ± {quality['is_std']:.2f}"
-
-
 def nll_change(before: dict, after: dict, unit: str = "bpd") -> tuple[float, float]:
     """Return the increase of the mean NLL and the after/before ratio."""
     first, last = before[f"{unit}_mean"], after[f"{unit}_mean"]
@@ -319,9 +309,9 @@ def write_report(args, before: dict, runs: list[dict], out_dir: Path) -> str:
     for run in runs:
         after = run["after"]
         quality.append(
-            f"| {run['strength']} | {format_score(before['quality'], 'fid')} | "
-            f"{format_score(after['quality'], 'fid')} | {fid_change(before, after)} | "
-            f"{format_score(before['quality'], 'is')} | {format_score(after['quality'], 'is')} |"
+            f"| {run['strength']} | {metrics.format_fid(before['quality'])} | "
+            f"{metrics.format_fid(after['quality'])} | {fid_change(before, after)} | "
+            f"{metrics.format_is(before['quality'])} | {metrics.format_is(after['quality'])} |"
         )
 
     # Pareto table: what each strength costs and gains.
@@ -335,7 +325,7 @@ def write_report(args, before: dict, runs: list[dict], out_dir: Path) -> str:
         pareto.append(
             f"| {run['strength']} | {forget_increase:+.4f} ({100 * (forget_ratio - 1):+.1f}%) | "
             f"{keep_increase:+.4f} ({100 * (keep_ratio - 1):+.1f}%) | "
-            f"{format_score(run['after']['quality'], 'fid')} |"
+            f"{metrics.format_fid(run['after']['quality'])} |"
         )
 
     nll_images = before["forget_nll"]["n_images"], before["keep_nll"]["n_images"]

@@ -162,8 +162,8 @@ class Diffusion:
     # ------------------------------------------------------------ reverse process p
 
     def predict_x_0(self, x_t, t, eps_pred, clip: bool | None = None):
-        """x_0_pred = (x_t - sqrt(1 - alpha_bar_t) * eps_pred) / sqrt(alpha_bar_t), clipped as the
-        config says unless `clip` is given."""
+        """Predict x_0 = (x_t - sqrt(1 - alpha_bar_t) * eps_pred) / sqrt(alpha_bar_t), clipped to
+        [-1, 1] when config.clip_sample is set, unless `clip` overrides it."""
         alpha_bar = self._at(self.alpha_bar, t, x_t)
         x_0_pred = (x_t - (1 - alpha_bar).sqrt() * eps_pred) / alpha_bar.sqrt()
         clip = self.config.clip_sample if clip is None else clip
@@ -201,7 +201,7 @@ class Diffusion:
         return torch.from_numpy(grid).to(self.device)
 
     def ancestral_step(self, x_t, t: int, t_prev: int, eps_pred, noise):
-        """One ancestral step from timestep t to the earlier scheduled timestep t_prev (-1 = data).
+        """Take one ancestral step from t to the earlier scheduled timestep t_prev (-1 = data).
 
         Ho et al. 2020, Algorithm 2, on a respaced chain whose step variance is
         beta' = 1 - alpha_bar_t / alpha_bar_{t_prev}: the mean is the posterior mean at x_0_pred,
@@ -228,7 +228,7 @@ class Diffusion:
         return (mean + var.sqrt() * noise).float()
 
     def ddim_step(self, x_t, t: int, t_prev: int, eps_pred, eta: float = 0.0, noise=None):
-        """One DDIM step from t to t_prev (-1 = data).
+        """Take one DDIM step from t to t_prev (-1 = data).
 
         Song et al. 2021, eq. 12: x_prev = sqrt(alpha_bar_prev) * x_0_pred
         + sqrt(1 - alpha_bar_prev - sigma^2) * eps_pred + sigma * noise, with eq. 16:

@@ -16,7 +16,8 @@ into a 500-step student; stage 2 distills that student into a 250-step one.
 
 Every --save-every trajectories a stage saves a checkpoint to <out>/stage<k>/, and --resume
 continues a killed stage from it. `torchrun --nproc_per_node N distill.py ...` splits each
-trajectory batch across N processes; the first process alone evaluates and writes the report.
+trajectory batch and the FID samples across N processes; the first process alone measures the
+models and writes the report.
 
 The study reports CIFAR-10 FID 134.95 / 134.27 / 133.57 at 1000 / 500 / 250 steps (its Table 1)
 from a small sample budget; the same base checkpoint scores FID 3.17 on 50,000 samples
@@ -272,6 +273,33 @@ def ddim_samples(diffusion, model, noise, steps, args):
     return torch.cat(chunks)
 
 
+def fid_settings(args, stage: int, steps: int, out_dir: Path) -> dict:
+    """Return the sampling settings of one stage's FID samples, the same to draw and to measure."""
+    return dict(
+        dataset=args.dataset,
+        steps=steps,
+        sampler="ddim",
+        n_samples=args.fid_samples,
+        seed=args.seed,
+        out_dir=out_dir / f"fid_stage{stage}",
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+    )
+
+
+def draw_fid_samples(args, models: list, diffusion, out_dir: Path) -> None:
+    """Draw the FID samples of the base model (stage 0) and of each stage's student.
+
+    Under torchrun each process draws its share of the shards.
+    """
+    if args.fid_samples == 0:
+        return
+    for stage, model in enumerate(models):
+        run = eps_model(model, args.amp, args.compile)
+        settings = fid_settings(args, stage, BASE_STEPS // 2**stage, out_dir)
+        metrics.draw_fid_samples(run, diffusion, **settings)
+
+
 def evaluate_stage(args, stage, model, diffusion, steps, test_images, reference, out_dir, device):
     """NLL, FID/IS, the sample grid and the L1 distances of one model at `steps` steps."""
     noise = fixed_noise(args, args.l1_images, device)
@@ -284,16 +312,9 @@ def evaluate_stage(args, stage, model, diffusion, steps, test_images, reference,
     quality = metrics.evaluate(
         run,
         diffusion,
-        dataset=args.dataset,
         data_root=args.data,
-        steps=steps,
-        sampler="ddim",
-        n_samples=args.fid_samples,
-        seed=args.seed,
-        out_dir=out_dir / f"fid_stage{stage}",
         inception=args.inception,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
+        **fid_settings(args, stage, steps, out_dir),
     )
     result = {
         "stage": stage,
@@ -471,9 +492,24 @@ def main(argv=None):
         save_config(out_dir, vars(args))
     diffusion = Diffusion(diffusion_config, device)
 
-    # Every process trains, and only the first one evaluates once all stages are trained.
-    # NOTE: rank 0 draws every FID sample alone, because metrics.evaluate takes no worker share.
+    # Every process trains. Under torchrun every process then loads the students that the first
+    # one saved, so that all draw their share of the FID samples from the same weights.
     students = train_stages(args, base, diffusion, out_dir, device)
+    if dist.is_initialized():
+        dist.barrier()
+        students = [
+            load_model(out_dir / f"stage{stage}.safetensors", weights="ema", device=device)[0]
+            for stage in range(1, args.stage + 1)
+        ]
+
+    # Dropout stays off while evaluating: a model loaded from a file is in training mode, and
+    # eps_model hides the module from the samplers, which therefore cannot switch it.
+    for model in (base, *students):
+        model.eval()
+
+    # The first process evaluates only once every sample is drawn, so no process waits on its
+    # NLL work.
+    draw_fid_samples(args, [base, *students], diffusion, out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank != 0:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import scipy.special
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -913,13 +914,14 @@ def generate_samples(
     if not todo:
         return sample_dir
     done = sum(shard_size(n_samples, batch_size, k) for k in saved)
-    print(f"sample: {len(todo)} shards to make in {sample_dir}, {done:,} images already there")
+    label = "sample" if count == 1 else f"sample (worker {index}/{count})"
+    print(f"{label}: {len(todo)} shards to make in {sample_dir}, {done:,} images already there")
 
     # Dropout must be off while sampling; a module's mode is restored afterwards.
     was_training = isinstance(model, nn.Module) and model.training
     if was_training:
         model.eval()
-    progress = Progress(sum(shard_size(n_samples, batch_size, k) for k in todo), "sample")
+    progress = Progress(sum(shard_size(n_samples, batch_size, k) for k in todo), label)
     try:
         for k in todo:
             size = shard_size(n_samples, batch_size, k)
@@ -992,6 +994,64 @@ def open_images(path: Path, batch_size: int) -> tuple[Iterator[torch.Tensor], in
 # ---------------------------------------------------------------------------- evaluation protocol
 
 
+def fid_image_size(dataset: str, n_samples: int, image_size: int | None) -> int:
+    """Check the dataset and sample count of an FID measurement, and return the image size."""
+    if dataset not in DATASET_DEFAULTS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_DEFAULTS)}")
+    if n_samples == 1 or n_samples < 0:
+        raise ValueError(f"n_samples={n_samples}: FID needs at least 2 samples (0 skips it)")
+    return image_size or DATASET_DEFAULTS[dataset]["image_size"]
+
+
+def draw_fid_samples(
+    model: Callable,
+    diffusion: Diffusion,
+    *,
+    dataset: str,
+    steps: int,
+    sampler: str,
+    n_samples: int,
+    seed: int,
+    out_dir: str | Path,
+    batch_size: int,
+    eta: float = 0.0,
+    image_size: int | None = None,
+    worker: tuple[int, int] | None = None,
+) -> Path | None:
+    """Draw the samples that evaluate() with the same arguments measures, into <out_dir>/samples.
+
+    Returns the folder, or None when `n_samples` is 0. `worker` (i, n) makes the shards of worker
+    i, as in generate_samples. By default, under an initialised torch.distributed process group,
+    each rank makes its share, worker (rank, world size), and then waits at a barrier for the
+    other ranks, so every rank returns with the folder complete. Every rank must then pass a
+    model with the same weights. Without a process group this process makes every shard. Shard
+    seeds do not depend on the split, so the samples are the same either way.
+    """
+    image_size = fid_image_size(dataset, n_samples, image_size)
+    if n_samples == 0:
+        return None
+    shared = worker is None and dist.is_initialized()
+    if worker is None:
+        worker = (dist.get_rank(), dist.get_world_size()) if shared else (0, 1)
+    sample_dir = generate_samples(
+        model,
+        diffusion,
+        Path(out_dir) / "samples",
+        n_samples=n_samples,
+        image_size=image_size,
+        steps=steps,
+        sampler=sampler,
+        seed=seed,
+        batch_size=batch_size,
+        eta=eta,
+        worker=worker,
+    )
+    if shared:
+        # No rank may go on to measure the samples before every rank has saved its shards.
+        dist.barrier()
+    return sample_dir
+
+
 def evaluate(
     model: Callable,
     diffusion: Diffusion,
@@ -1010,18 +1070,16 @@ def evaluate(
 ) -> dict:
     """Sample `n_samples` images, then measure their FID and IS against the training set.
 
-    Samples go to `<out_dir>/samples` and resume from the shards already there. `image_size`
-    defaults to the dataset's; a model of another size is compared with training images resized
-    to its size. `n_samples=0` skips the measurement. Without Inception weights, or when skipped,
-    `fid` and `is_mean` are None and `not_computed` gives the reason, and no number from other
-    weights takes their place. With fewer than 10 samples only the IS is None. The result also
-    contains the protocol.
+    Samples go to `<out_dir>/samples` and resume from the shards already there, and this process
+    makes every missing shard. Under torchrun, call draw_fid_samples with the same arguments on
+    every rank first, so that the ranks share the sampling, and then evaluate on one rank.
+    `image_size` defaults to the dataset's; a model of another size is compared with training
+    images resized to its size. `n_samples=0` skips the measurement. Without Inception weights,
+    or when skipped, `fid` and `is_mean` are None and `not_computed` gives the reason, and no
+    number from other weights takes their place. With fewer than 10 samples only the IS is None.
+    The result also contains the protocol.
     """
-    if dataset not in DATASET_DEFAULTS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {sorted(DATASET_DEFAULTS)}")
-    if n_samples == 1 or n_samples < 0:
-        raise ValueError(f"n_samples={n_samples}: FID needs at least 2 samples (0 skips it)")
-    image_size = image_size or DATASET_DEFAULTS[dataset]["image_size"]
+    image_size = fid_image_size(dataset, n_samples, image_size)
     result = {
         "fid": None,
         "is_mean": None,
@@ -1041,17 +1099,19 @@ def evaluate(
         result["not_computed"] = "skipped: 0 samples requested"
         return result
 
-    sample_dir = generate_samples(
+    sample_dir = draw_fid_samples(
         model,
         diffusion,
-        Path(out_dir) / "samples",
-        n_samples=n_samples,
-        image_size=image_size,
+        dataset=dataset,
         steps=steps,
         sampler=sampler,
+        n_samples=n_samples,
         seed=seed,
+        out_dir=out_dir,
         batch_size=batch_size,
         eta=eta,
+        image_size=image_size,
+        worker=(0, 1),
     )
     result["samples"] = str(sample_dir)
 

@@ -179,21 +179,37 @@ def corrupted_sets(
     return sets
 
 
-def sample_quality(args, model, diffusion, step: int) -> dict:
-    """Return FID and IS of the model's samples from metrics.evaluate, or why they are missing."""
-    return metrics.evaluate(
-        model,
-        diffusion,
+def fid_settings(args, model, step: int) -> dict:
+    """Return the sampling settings of one model's FID samples, the same to draw and to measure."""
+    return dict(
         dataset=args.dataset,
-        data_root=args.data,
         steps=args.sample_steps,
         sampler=args.sampler,
         n_samples=args.fid_samples,
         seed=args.seed,
         out_dir=Path(args.out) / f"fid_step{step:07d}",
-        inception=args.inception,
         batch_size=args.eval_batch_size,
         image_size=model.config.sample_size,
+    )
+
+
+def draw_fid_samples(args, models: list[tuple[str, int, Path]], diffusion) -> None:
+    """Draw the FID samples of every model; under torchrun each process draws its share."""
+    if args.fid_samples == 0:
+        return
+    for _, step, path in models:
+        model, _ = load_model(path, weights=args.eval_weights, device=args.device)
+        metrics.draw_fid_samples(model, diffusion, **fid_settings(args, model, step))
+
+
+def sample_quality(args, model, diffusion, step: int) -> dict:
+    """Return FID and IS of the model's samples from metrics.evaluate, or why they are missing."""
+    return metrics.evaluate(
+        model,
+        diffusion,
+        data_root=args.data,
+        inception=args.inception,
+        **fid_settings(args, model, step),
     )
 
 
@@ -537,16 +553,17 @@ def main(argv=None) -> list[dict]:
     )
     del model
 
-    # Under torchrun every process trains, and only the first one evaluates.
-    # NOTE: rank 0 draws every FID sample alone, because metrics.evaluate takes no worker share.
+    # Under torchrun every process trains and draws its share of every model's FID samples.
+    # Only then does the first one evaluate, so no process waits on its NLL work.
+    models = [(BASE_LABEL, 0, Path(args.base))]
+    models += [(str(s), s, checkpoint_path(out_dir, s)) for s in args.checkpoint_steps]
+    draw_fid_samples(args, models, diffusion)
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank != 0:
         return []
 
     # Evaluate the base model, then every checkpoint, and rewrite the report after each.
-    models = [(BASE_LABEL, 0, Path(args.base))]
-    models += [(str(s), s, checkpoint_path(out_dir, s)) for s in args.checkpoint_steps]
     nll_images = test_images[: args.nll_images]
     results = []
     for label, step, path in models:

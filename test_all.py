@@ -19,6 +19,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -3401,3 +3402,144 @@ def test_robust_two_processes_match_one(tmp_path):
     mean_difference = torch.cat([(a - b).abs().flatten() for a, b in pairs]).mean()
     assert mean_difference < 1e-7, mean_difference
     assert (tmp_path / "ddp" / "results.md").is_file()
+
+
+# --- sharded FID sampling under torchrun: two gloo processes draw the samples of one process
+
+# 6 FID samples in shards of 2: shards 0 and 2 belong to rank 0, shard 1 to rank 1.
+FID_SAMPLES, SHARD_SIZE = 6, 2
+
+# distill.py samples its base model at BASE_STEPS, which the tests set to the base's T.
+BASE_T = 8
+
+# Per script: its main(argv), its flags, the files of a finished run that the two-process run
+# reuses so that it evaluates the same weights, and the FID folders of the models it evaluates.
+SHARD_SCRIPTS = {
+    "robust": dict(
+        main=robust.main,
+        flags=[
+            "--checkpoint-steps", "1", "--batch-size", "4", "--dropout", "0", "--nll-images", "2",
+            "--robust-images", "2", "--loss-draws", "1", "--sample-steps", str(BASE_T),
+            "--eval-batch-size", str(SHARD_SIZE), "--grid-images", "2", "--no-compile",
+        ],
+        resume_flags=["--resume"],
+        reused=["ckpt_0000001.safetensors", "ckpt_0000001.json", "ckpt_0000001.train.safetensors"],
+        folders=["fid_step0000000", "fid_step0000001"],
+    ),
+    "unlearn": dict(
+        main=unlearn.main,
+        flags=[
+            "--steps", "2", "--batch-size", "2", "--nll-images", "2", "--sample-steps", str(BASE_T),
+            "--eval-batch-size", str(SHARD_SIZE), "--grid-images", "2", "--save-every", "2",
+            "--no-compile",
+        ],
+        resume_flags=[],
+        reused=["lambda_1/ckpt_0000002.safetensors", "lambda_1/ckpt_0000002.json"],
+        folders=["fid_before", "lambda_1/fid_after"],
+    ),
+    "distill": dict(
+        main=distill.main,
+        flags=[
+            "--stage", "1", "--batch-size", str(SHARD_SIZE), "--trajectories", "1",
+            "--nll-images", "2", "--grid-images", "2", "--l1-images", "2", "--no-compile",
+        ],
+        resume_flags=[],
+        reused=["stage1.safetensors"],
+        folders=["fid_stage0", "fid_stage1"],
+    ),
+}  # fmt: skip
+
+
+def script_argv(script: str, data_root: Path, base: Path, out: Path) -> list[str]:
+    base_flag = "--teacher" if script == "distill" else "--base"
+    common = ["--dataset", "cifar10", "--data", str(data_root), base_flag, str(base)]
+    common += ["--out", str(out), "--fid-samples", str(FID_SAMPLES), "--device", "cpu"]
+    return common + SHARD_SCRIPTS[script]["flags"]
+
+
+def shard_worker(rank, world, port, script, argv, out, record_dir):
+    """Run one script on one rank and save the names of the sample shards that this rank wrote."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    distill.BASE_STEPS = BASE_T
+
+    # The caches of the isolated_caches fixture, which a spawned process does not inherit.
+    torch.hub.set_dir(str(record_dir / "torch_hub"))
+    metrics.INCEPTION_URL = "http://127.0.0.1:9/unreachable.pth"
+
+    written = []
+    atomic_write = metrics.atomic_write
+
+    def recording_write(path, write_fn):
+        if path.name.startswith("shard_"):
+            written.append(str(path.relative_to(out)))
+        atomic_write(path, write_fn)
+
+    metrics.atomic_write = recording_write
+    SHARD_SCRIPTS[script]["main"](argv)
+    (record_dir / f"rank{rank}.json").write_text(json.dumps(sorted(written)))
+
+
+def shard_images(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as f:
+        return f["images"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SHARD_SCRIPTS))
+def test_sharded_fid_samples_match_one(script, tmp_path, monkeypatch):
+    data_root = data_folder()
+    settings = SHARD_SCRIPTS[script]
+    torch.set_num_threads(1)
+    monkeypatch.setattr(distill, "BASE_STEPS", BASE_T)
+
+    # No Inception weights, here or in the spawned processes: FID is reported as not computed
+    # after the samples are drawn.
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DDPM_OFFLINE", "1")
+    base = save_tiny_base(tmp_path / "base.safetensors", T=BASE_T)
+
+    # One process trains and evaluates the base model and the trained one.
+    single = tmp_path / "single"
+    settings["main"](script_argv(script, data_root, base, single))
+
+    # Two processes reuse a copy of the trained model, so that they evaluate the same weights,
+    # and share the FID sampling.
+    ddp = tmp_path / "ddp"
+    for name in settings["reused"]:
+        (ddp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(single / name, ddp / name)
+    argv = script_argv(script, data_root, base, ddp) + settings["resume_flags"]
+    mp.spawn(shard_worker, args=(2, free_port(), script, argv, ddp, tmp_path), nprocs=2, join=True)
+
+    # Each rank drew its own shards of every model, so rank 0 drew none of rank 1's.
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    folders = settings["folders"]
+    assert rank0 == sorted(
+        f"{folder}/samples/shard_00000{k}.npz" for folder in folders for k in (0, 2)
+    )
+    assert rank1 == sorted(f"{folder}/samples/shard_000001.npz" for folder in folders)
+
+    # The sample shards equal those of one process byte for byte.
+    for folder in folders:
+        single_dir, ddp_dir = single / folder / "samples", ddp / folder / "samples"
+        names = sorted(p.name for p in single_dir.glob("shard_*.npz"))
+        assert len(names) == FID_SAMPLES // SHARD_SIZE, folder
+        assert sorted(p.name for p in ddp_dir.glob("shard_*.npz")) == names, folder
+        for name in names:
+            expected, actual = shard_images(single_dir / name), shard_images(ddp_dir / name)
+            assert actual.dtype == expected.dtype == np.uint8, (folder, name)
+            assert actual.shape == expected.shape, (folder, name)
+            assert actual.tobytes() == expected.tobytes(), (folder, name)
+        single_manifest = json.loads((single_dir / metrics.SAMPLE_MANIFEST).read_text())
+        ddp_manifest = json.loads((ddp_dir / metrics.SAMPLE_MANIFEST).read_text())
+        assert ddp_manifest == single_manifest, folder
+
+    # Rank 0 measured the same models and wrote the same report, with FID not computed.
+    report = (single / "results.md").read_text()
+    assert (ddp / "results.md").read_text() == report
+    assert "DDPM_OFFLINE=1" in report

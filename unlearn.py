@@ -210,6 +210,35 @@ class PairedBatches:
 # ---------------------------------------------------------------------------- evaluation
 
 
+def fid_settings(args, out_dir: Path, name: str) -> dict:
+    """Return the sampling settings of one model's FID samples, the same to draw and to measure."""
+    return dict(
+        dataset=args.dataset,
+        steps=args.sample_steps,
+        sampler=args.sampler,
+        n_samples=args.fid_samples,
+        seed=args.seed,
+        out_dir=out_dir / f"fid_{name}",
+        batch_size=args.eval_batch_size,
+        image_size=args.image_size,
+    )
+
+
+def draw_fid_samples(args, base, diffusion, out_dir: Path) -> None:
+    """Draw the FID samples of the base model and of each strength's final checkpoint.
+
+    Under torchrun each process draws its share of the shards.
+    """
+    if args.fid_samples == 0:
+        return
+    metrics.draw_fid_samples(base, diffusion, **fid_settings(args, out_dir, "before"))
+    for strength in args.strengths:
+        run_dir = out_dir / strength.folder
+        path = checkpoint_path(run_dir, args.steps)
+        model, _ = load_model(path, weights="model", device=args.device)
+        metrics.draw_fid_samples(model, diffusion, **fid_settings(args, run_dir, "after"))
+
+
 def evaluate_model(args, model, diffusion, nll_sets, noise, name, out_dir) -> dict:
     """Measure forget-set and keep-set NLL, FID and IS of one model and save its sample grid."""
     model.eval()
@@ -235,16 +264,9 @@ def evaluate_model(args, model, diffusion, nll_sets, noise, name, out_dir) -> di
     result["quality"] = metrics.evaluate(
         model,
         diffusion,
-        dataset=args.dataset,
         data_root=args.data,
-        steps=args.sample_steps,
-        sampler=args.sampler,
-        n_samples=args.fid_samples,
-        seed=args.seed,
-        out_dir=out_dir / f"fid_{name}",
         inception=args.inception,
-        batch_size=args.eval_batch_size,
-        image_size=args.image_size,
+        **fid_settings(args, out_dir, name),
     )
 
     forget, keep = result["forget_nll"], result["keep_nll"]
@@ -474,7 +496,8 @@ def first_images(images: torch.Tensor, count: int, description: str) -> torch.Te
 def run(args) -> list[dict]:
     """Unlearn with every strength, then evaluate the base model and each result, and report.
 
-    Under torchrun every process trains, and only the first one evaluates and writes the report.
+    Under torchrun every process trains and draws its share of the FID samples, and only the
+    first one evaluates and writes the report.
     """
     rank, _ = setup_distributed(torch.device(args.device))
     out_dir = args.out
@@ -505,12 +528,15 @@ def run(args) -> list[dict]:
     # Every process trains each strength; a finished run is reused.
     for strength in args.strengths:
         unlearn(args, base, diffusion, keep, forget, strength, out_dir / strength.folder)
+
+    # Every process draws its share of the FID samples before the first one evaluates, so no
+    # process waits on its NLL work.
+    draw_fid_samples(args, base, diffusion, out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()
     if rank != 0:
         return []
 
-    # NOTE: rank 0 draws every FID sample alone, because metrics.evaluate takes no worker share.
     # The same noise x_T for every sample grid.
     generator = torch.Generator(args.device).manual_seed(args.seed)
     shape = (args.grid_images, 3, args.image_size, args.image_size)

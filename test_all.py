@@ -46,6 +46,7 @@ import data
 import distill
 import metrics
 import robust
+import study
 import train
 import unet
 import unlearn
@@ -3543,3 +3544,187 @@ def test_sharded_fid_samples_match_one(script, tmp_path, monkeypatch):
     report = (single / "results.md").read_text()
     assert (ddp / "results.md").read_text() == report
     assert "DDPM_OFFLINE=1" in report
+
+
+# --- study.py: parts, resume, compositions and the report
+
+# Settings small enough for a test: a 16-pixel tiny UNet trained for 2 steps, one image per
+# measurement and no FID samples.
+MICRO_PRESET = {
+    "train": [
+        "--preset", "tiny", "--image-size", "16", "--steps", "2", "--batch-size", "4",
+        "--save-every", "1", "--log-every", "1", "--dropout", "0",
+    ],
+    "distill": [
+        "--trajectories", "1", "--batch-size", "1", "--nll-images", "1", "--l1-images", "1",
+        "--grid-images", "1", "--fid-samples", "0",
+    ],
+    "robust": [
+        "--checkpoint-steps", "1", "--batch-size", "2", "--nll-images", "1",
+        "--robust-images", "1", "--fid-samples", "0", "--eval-batch-size", "1",
+        "--grid-images", "1", "--loss-draws", "1",
+    ],
+    "unlearn": [
+        "--steps", "1", "--batch-size", "2", "--nll-images", "1", "--fid-samples", "0",
+        "--grid-images", "1", "--eval-batch-size", "1", "--save-every", "1",
+        "--sample-steps", "2",
+    ],
+    "lambdas": "1",
+}  # fmt: skip
+
+
+def record_script_calls(monkeypatch) -> list[tuple[str, list[str]]]:
+    """Wrap every script study.py runs so that each call is recorded with its arguments."""
+    calls = []
+    for name, script in dict(study.SCRIPTS).items():
+
+        def recorded(argv, name=name, script=script):
+            calls.append((name, argv))
+            return script(argv)
+
+        monkeypatch.setitem(study.SCRIPTS, name, recorded)
+    return calls
+
+
+def modification_times(folder: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")}
+
+
+@pytest.mark.slow
+def test_study_reuses_resumes_and_composes(tmp_path, monkeypatch):
+    root = data_folder()
+    monkeypatch.setitem(study.PRESETS, "cpu-tiny", MICRO_PRESET)
+    calls = record_script_calls(monkeypatch)
+    out = tmp_path / "study"
+    args = ["--preset", "cpu-tiny", "--data", str(root), "--out", str(out), "--device", "cpu"]
+
+    # The first run trains the base model, then runs every intervention once.
+    study.main(args)
+    assert [name for name, _ in calls] == ["train", "distill", "robust", "unlearn"]
+    report = (out / "report.md").read_text()
+    for number in range(1, 8):
+        assert f"## Table {number}." in report
+    assert "Not run yet" not in report
+    assert "## Extra: the undistilled base at the students' step counts" in report
+    assert "## Extra: NLL of corrupted held-out images" in report
+    assert "## Extra: keep-set NLL before vs. after unlearning" in report
+    assert "| lambda 1 |" in report
+    assert "FID and IS not computed (skipped: 0 samples requested)" in report
+    assert ".png)" in report
+    record = json.loads((out / "study.json").read_text())
+    assert sorted(record["parts"]) == ["base", "distill", "robust", "unlearn"]
+
+    # A rerun after completion runs no script and rewrites the same report.
+    calls.clear()
+    before = modification_times(out)
+    study.main(args)
+    assert calls == []
+    assert modification_times(out) == before
+    assert (out / "report.md").read_text() == report
+
+    # A rerun after deleting one part redoes that part alone, in the same folder.
+    shutil.rmtree(out / record["parts"]["unlearn"])
+    study.main(args)
+    assert [name for name, _ in calls] == ["unlearn"]
+    assert (out / record["parts"]["unlearn"] / "results.json").is_file()
+    unchanged = {p: t for p, t in before.items() if record["parts"]["unlearn"] not in str(p)}
+    assert {p: t for p, t in modification_times(out).items() if p in unchanged} == unchanged
+
+    # Unlearning on the distilled student is a composition, with its own table.
+    calls.clear()
+    student = out / record["parts"]["distill"] / "stage2.safetensors"
+    study.main([*args, "--base", str(student), "--interventions", "unlearn"])
+    assert [name for name, _ in calls] == ["unlearn"]
+    assert calls[0][1][calls[0][1].index("--base") + 1] == str(student)
+    report = (out / "report.md").read_text()
+    assert "## Compositions of interventions" in report
+    assert "| unlearn | the study's base |" in report
+    assert "| unlearn | distill stage2 |" in report
+
+
+def fake_intervention(calls: list, fail: bool = False):
+    """A stand-in for an intervention script: it records its call, may fail, else finishes."""
+
+    def script(argv):
+        calls.append(argv)
+        if fail:
+            raise KeyboardInterrupt("killed")
+        out = Path(argv[argv.index("--out") + 1])
+        (out / "done").write_text("finished")
+
+    return script
+
+
+def test_study_resumes_unfinished_part(tmp_path, monkeypatch):
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights")
+    calls = []
+    monkeypatch.setitem(study.SCRIPTS, "robust", fake_intervention(calls, fail=True))
+    out = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        study.run_part(out, "robust", "robust", ["--lr", "1"], [], base)
+    folder = next(out.glob("robust-*"))
+    assert json.loads((folder / study.PART_FILE).read_text())["finished"] is False
+    assert "--resume" not in calls[0]
+
+    # The rerun resumes the interrupted folder, then a third run reuses it.
+    monkeypatch.setitem(study.SCRIPTS, "robust", fake_intervention(calls))
+    assert study.run_part(out, "robust", "robust", ["--lr", "1"], [], base) == folder
+    assert calls[1][-1] == "--resume"
+    assert json.loads((folder / study.PART_FILE).read_text())["finished"] is True
+    study.run_part(out, "robust", "robust", ["--lr", "1"], [], base)
+    assert len(calls) == 2
+
+
+def test_study_part_key_follows_settings_and_base(tmp_path):
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights")
+    key = study.part_key("robust", ["--lr", "1"], base)
+    assert study.part_key("robust", ["--lr", "2"], base) != key
+    assert study.part_key("unlearn", ["--lr", "1"], base) != key
+    moved = tmp_path / "moved.safetensors"
+    shutil.copy(base, moved)
+    assert study.part_key("robust", ["--lr", "1"], moved) == key
+    base.write_bytes(b"other weights")
+    assert study.part_key("robust", ["--lr", "1"], base) != key
+
+
+def test_study_changed_settings_keep_old_folder(tmp_path, monkeypatch):
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights")
+    calls = []
+    monkeypatch.setitem(study.SCRIPTS, "robust", fake_intervention(calls))
+    out = tmp_path / "study"
+    first = study.run_part(out, "robust", "robust", ["--lr", "1"], [], base)
+    second = study.run_part(out, "robust", "robust", ["--lr", "2"], [], base)
+    assert first != second
+    assert (first / "done").is_file()
+    assert (second / "done").is_file()
+
+
+def test_study_rejects_other_dataset_in_folder(tmp_path):
+    out = tmp_path / "study"
+    out.mkdir()
+    record = {"dataset": "cifar10", "preset": "cpu-tiny", "parts": {}, "compositions": {}}
+    (out / study.STUDY_FILE).write_text(json.dumps(record))
+    args = study.parse_args(["--dataset", "celebahq", "--preset", "cpu-tiny", "--out", str(out)])
+    with pytest.raises(SystemExit, match="holds a study with --dataset cifar10, not celebahq"):
+        study.run_study(args)
+
+
+def test_study_rejects_unknown_intervention():
+    with pytest.raises(SystemExit):
+        study.parse_args(["--interventions", "distill,prune"])
+
+
+def test_study_rejects_missing_base(tmp_path):
+    args = study.parse_args(["--out", str(tmp_path / "s"), "--base", str(tmp_path / "none.pt")])
+    with pytest.raises(SystemExit, match="is not a file"):
+        study.run_study(args)
+    assert not (tmp_path / "s" / study.STUDY_FILE).exists()
+
+
+def test_study_paper_preset_uses_script_defaults():
+    for name in study.INTERVENTIONS:
+        assert study.PRESETS["paper"][name] == []
+    assert study.PRESETS["paper"]["train"] is None

@@ -281,9 +281,12 @@ def evaluate_model(args, model, diffusion, nll_sets, noise, name, out_dir) -> di
 
 
 def format_nll(nll: dict, unit: str) -> str:
-    """Format NLL mean ± std in bits/dim ("bpd") or nats/image ("nats")."""
+    """Format NLL mean ± std in bits/dim ("bpd") or nats/image ("nats"); one image has no std."""
     digits = 4 if unit == "bpd" else 1
-    return f"{nll[f'{unit}_mean']:,.{digits}f} ± {nll[f'{unit}_std']:,.{digits}f}"
+    mean, std = nll[f"{unit}_mean"], nll[f"{unit}_std"]
+    if math.isnan(std):
+        return f"{mean:,.{digits}f}"
+    return f"{mean:,.{digits}f} ± {std:,.{digits}f}"
 
 
 def nll_change(before: dict, after: dict, unit: str = "bpd") -> tuple[float, float]:

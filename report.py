@@ -1,4 +1,4 @@
-"""Write the report of a study folder: the paper's Tables 1-7, the extra tables and the grids.
+"""Write the report of a study folder: the study's Tables 1-7, the extra tables and the grids.
 
     python report.py runs/study-cifar10-cpu-tiny
 
@@ -25,20 +25,22 @@ def read_results(out: Path, folder: str | None) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_part(out: Path, folder: str) -> dict:
-    return json.loads((out / folder / "part.json").read_text())
+def read_part(out: Path, folder: str) -> dict | None:
+    """Return a part's record, or None when its folder has been deleted."""
+    path = out / folder / "part.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------- cells and protocols
 
 
 def nll_cell(nll: dict) -> str:
-    """NLL mean ± std over images in bits/dim, with nats/image in brackets."""
+    """Format NLL mean ± std over images in bits/dim, with nats/image in brackets."""
     return f"{format_nll(nll, 'bpd')} bits/dim ({format_nll(nll, 'nats')} nats/image)"
 
 
 def quality_protocol(qualities: list[dict]) -> str:
-    """One line with the sampling protocol of a table's FID and IS cells."""
+    """Format the sampling protocol of a table's FID and IS cells as one line."""
     first = qualities[0]
     steps = sorted({q["steps"] for q in qualities}, reverse=True)
     sampling = (
@@ -80,7 +82,7 @@ def not_run(title: str, script: str) -> list[str]:
 
 
 def distillation_tables(record: dict | None, dataset: str) -> list[str]:
-    """Tables 1 and 2, and the undistilled same-step control."""
+    """Return Tables 1 and 2, and the undistilled same-step control, as markdown lines."""
     if record is None:
         return not_run("Tables 1-2. Progressive distillation", "distill")
     results, args = record["results"], record["args"]
@@ -122,7 +124,7 @@ def distillation_tables(record: dict | None, dataset: str) -> list[str]:
 
 
 def robustness_tables(record: dict | None, dataset: str) -> list[str]:
-    """Tables 3, 4 and 5, and the NLL of corrupted held-out images."""
+    """Return Tables 3, 4 and 5, and the NLL of corrupted held-out images."""
     if record is None:
         return not_run("Tables 3-5. Robustness fine-tuning", "robust")
     results, args = record["results"], record["args"]
@@ -160,7 +162,7 @@ def robustness_tables(record: dict | None, dataset: str) -> list[str]:
 
 
 def main_run(record: dict, dataset: str) -> dict:
-    """The run at the default lambda, which Tables 6 and 7 report; else the last run."""
+    """Return the run at the default lambda, which Tables 6 and 7 report, else the last run."""
     lam = UNLEARN_SETTINGS[dataset]["lam"]
     runs = record["runs"]
     matching = [r for r in runs if r["mode"] == "lambda" and r["value"] == lam]
@@ -168,7 +170,7 @@ def main_run(record: dict, dataset: str) -> dict:
 
 
 def unlearning_tables(record: dict | None, dataset: str) -> list[str]:
-    """Tables 6 and 7, the keep-set NLL and the lambda sweep."""
+    """Return Tables 6 and 7, the keep-set NLL and the lambda sweep."""
     if record is None:
         return not_run("Tables 6-7. Targeted unlearning", "unlearn")
     before, args = record["before"], record["args"]
@@ -233,7 +235,7 @@ def unlearning_tables(record: dict | None, dataset: str) -> list[str]:
 
 
 def summary(intervention: str, record: dict, dataset: str) -> dict:
-    """Before and after of one intervention: FID, the clean or keep-set NLL, the forget NLL."""
+    """Return before and after of one intervention: FID, clean or keep-set NLL, forget NLL."""
     if intervention == "unlearn":
         before, after = record["before"], main_run(record, dataset)["after"]
         return {
@@ -246,11 +248,10 @@ def summary(intervention: str, record: dict, dataset: str) -> dict:
 
 
 def composition_table(out: Path, study: dict) -> list[str]:
-    """One row per composition, after the same intervention run on the study's base model."""
+    """Return the table of each intervention on the study's base, then on other models."""
     runs = {}
     for entry in study["compositions"].values():
-        intervention = read_part(out, entry["part"])["script"]
-        runs.setdefault(intervention, []).append((entry["base"], entry["part"]))
+        runs.setdefault(entry["intervention"], []).append((entry["base"], entry["part"]))
     rows = []
     for intervention, started in runs.items():
         direct = study["parts"].get(intervention)
@@ -287,7 +288,7 @@ def composition_table(out: Path, study: dict) -> list[str]:
 
 
 def grids(out: Path, study: dict) -> list[str]:
-    """Markdown links to every sample grid and corruption grid of the study's parts."""
+    """Return markdown links to every sample grid and corruption grid of the study's parts."""
     folders = [*study["parts"].values(), *(e["part"] for e in study["compositions"].values())]
     images = sorted(p for folder in folders for p in (out / folder).rglob("*.png"))
     if not images:
@@ -301,9 +302,12 @@ def parts_table(out: Path, study: dict) -> list[str]:
     rows = []
     for role, folder in folders.items():
         part = read_part(out, folder)
-        wall = "unfinished" if not part["finished"] else f"{part['wall_s'] / 60:.1f} min"
-        rows.append([role, f"`{folder}`", f"{part['script']}.py", wall])
-    return table(["Part", "Folder", "Script", "Wall time"], rows)
+        if part is None:
+            wall = "folder missing"
+        else:
+            wall = f"{part['wall_s'] / 60:.1f} min" if part["finished"] else "unfinished"
+        rows.append([role, f"`{folder}`", wall])
+    return table(["Part", "Folder", "Wall time"], rows)
 
 
 def write_report(out: str | Path) -> Path:
@@ -334,7 +338,7 @@ def write_report(out: str | Path) -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="study folder holding study.json")
+    parser.add_argument("out", help="study folder that contains study.json")
     args = parser.parse_args(argv)
     print(write_report(args.out))
 

@@ -31,6 +31,7 @@ import train
 import unlearn
 from checkpoint import write_json
 from logs import log_event
+from metrics import file_sha256
 from train import checkpoint_path
 from unet import pretrained_path
 
@@ -80,14 +81,6 @@ STUDY_FILE = "study.json"
 PART_FILE = "part.json"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def part_key(script: str, settings: list[str], base: Path | None) -> str:
     """Hash what decides a part's result: its script, its arguments and its base model's bytes."""
     record = {"script": script, "settings": settings, "base_sha256": base and file_sha256(base)}
@@ -110,7 +103,7 @@ def run_part(
         log_event(out, f"reuse {name}: {folder}", {"event": "reuse", "part": name, "key": key})
         return folder
 
-    # A folder without a finished record holds an interrupted run, which the script resumes.
+    # A folder without a finished record contains an interrupted run, which the script resumes.
     resume = folder.is_dir()
     record = {
         "name": name,
@@ -145,7 +138,7 @@ def base_label(out: Path, base: Path) -> str:
 
 
 def open_study(out: Path, args) -> dict:
-    """Read the study record of `out`, or start one; refuse an `out` of another study."""
+    """Read the study record of `out`, or start one. Reject an `out` of another study."""
     path = out / STUDY_FILE
     if not path.is_file():
         return {"dataset": args.dataset, "preset": args.preset, "parts": {}, "compositions": {}}
@@ -153,8 +146,8 @@ def open_study(out: Path, args) -> dict:
     for key in ("dataset", "preset"):
         if study[key] != getattr(args, key):
             raise SystemExit(
-                f"error: {out} holds a study with --{key} {study[key]}, not {getattr(args, key)}; "
-                "choose another --out"
+                f"error: {out} contains a study with --{key} {study[key]}, not "
+                f"{getattr(args, key)}; choose another --out"
             )
     return study
 
@@ -205,7 +198,11 @@ def run_study(args) -> Path:
         else:
             label = base_label(out, base)
             folder = run_part(out, f"{name}-on-{base.stem}", name, settings, part_runtime, base)
-            study["compositions"][f"{name} on {label}"] = {"part": folder.name, "base": label}
+            study["compositions"][f"{name} on {label}"] = {
+                "intervention": name,
+                "part": folder.name,
+                "base": label,
+            }
         write_json(out / STUDY_FILE, study)
         report.write_report(out)
     return report.write_report(out)

@@ -16,6 +16,7 @@ float tensor in the [-1, 1] image scale and t an int64 tensor of shape (B,).
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +25,19 @@ EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 VARIANCE_TYPES = ("fixed_large", "fixed_small")
 SAMPLERS = ("ancestral", "ddim")
+
+
+class StepCoefficients(NamedTuple):
+    """Float64 scalars of one reverse step from t to t_prev, for `Diffusion.step_coefficients`."""
+
+    sqrt_alpha_bar: float  # sqrt(alpha_bar_t)
+    sqrt_one_minus_alpha_bar: float  # sqrt(1 - alpha_bar_t)
+    mean_x_0: float  # ancestral mean = mean_x_0 * x_0_pred + mean_x_t * x_t
+    mean_x_t: float
+    ancestral_std: float  # standard deviation of the ancestral step's noise
+    sqrt_alpha_bar_prev: float  # DDIM: x_prev = sqrt_alpha_bar_prev * x_0_pred
+    ddim_eps: float  # + ddim_eps * eps_pred
+    ddim_sigma: float  # + ddim_sigma * noise
 
 
 @dataclass
@@ -115,6 +129,8 @@ class Diffusion:
         self.alphas = 1.0 - self.betas
         self.alpha_bar = torch.cumprod(self.alphas, dim=0)
         self.alpha_bar_prev = torch.cat([self.alpha_bar.new_ones(1), self.alpha_bar[:-1]])
+        # A host copy, from which samplers precompute their coefficients without a device read.
+        self._alpha_bar_host = self.alpha_bar.cpu()
 
     # ------------------------------------------------------------ forward process q
 
@@ -200,62 +216,101 @@ class Diffusion:
         grid = np.round(self.T - np.arange(steps) * self.T / steps).astype(np.int64) - 1
         return torch.from_numpy(grid).to(self.device)
 
+    def step_coefficients(self, timesteps: torch.Tensor, eta: float = 0.0) -> list:
+        """Precompute the StepCoefficients of every step of a sampler that visits `timesteps`.
+
+        Step i goes from timesteps[i] to timesteps[i + 1], and the last step to -1 (the data).
+        The arithmetic runs in float64 on the CPU, and the result is Python floats, so a sampling
+        loop that uses them launches no kernel and reads no device memory for its coefficients.
+
+        Ancestral steps follow Ho et al. 2020, Algorithm 2, on a respaced chain whose step
+        variance is beta' = 1 - alpha_bar_t / alpha_bar_{t_prev}: the mean is the posterior mean
+        at x_0_pred, and the variance is beta' (fixed_large) or
+        (1 - alpha_bar_{t_prev}) / (1 - alpha_bar_t) * beta' (fixed_small).
+        DDIM steps follow Song et al. 2021, eq. 12: x_prev = sqrt(alpha_bar_prev) * x_0_pred
+        + sqrt(1 - alpha_bar_prev - sigma^2) * eps_pred + sigma * noise, with eq. 16:
+        sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)
+                           * (1 - alpha_bar_t / alpha_bar_prev)).
+        """
+        t = timesteps.cpu()
+        t_prev = torch.cat([t[1:], t.new_tensor([-1])])
+        alpha_bar = self._alpha_bar_host[t]
+        alpha_bar_prev = torch.where(
+            t_prev >= 0, self._alpha_bar_host[t_prev.clamp(min=0)], torch.ones_like(alpha_bar)
+        )
+
+        beta = 1 - alpha_bar / alpha_bar_prev
+        if self.config.variance_type == "fixed_small":
+            ancestral_var = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
+        else:
+            ancestral_var = beta
+        sigma = (
+            eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
+        )
+        columns = (
+            alpha_bar.sqrt(),
+            (1 - alpha_bar).sqrt(),
+            alpha_bar_prev.sqrt() * beta / (1 - alpha_bar),
+            (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar),
+            ancestral_var.sqrt(),
+            alpha_bar_prev.sqrt(),
+            (1 - alpha_bar_prev - sigma**2).sqrt(),
+            sigma,
+        )
+        return [StepCoefficients(*row) for row in torch.stack(columns, dim=1).tolist()]
+
+    def _x_0_pred(self, x_t, eps_pred, c: StepCoefficients):
+        """Predict x_0 = (x_t - sqrt(1 - alpha_bar_t) * eps_pred) / sqrt(alpha_bar_t).
+
+        The prediction is clipped to [-1, 1] when config.clip_sample is set.
+        """
+        x_0_pred = (x_t - c.sqrt_one_minus_alpha_bar * eps_pred) / c.sqrt_alpha_bar
+        return x_0_pred.clamp(-1, 1) if self.config.clip_sample else x_0_pred
+
+    def _ancestral_update(self, x_t, eps_pred, noise, c: StepCoefficients):
+        """Apply one ancestral step; `noise` None adds none (the step that lands on the data)."""
+        x_0_pred = self._x_0_pred(x_t, eps_pred, c)
+        mean = c.mean_x_0 * x_0_pred + c.mean_x_t * x_t
+        if noise is None:
+            return mean.float()
+        return (mean + c.ancestral_std * noise).float()
+
+    def _ddim_update(self, x_t, eps_pred, noise, c: StepCoefficients):
+        """Apply one DDIM step; `noise` None adds none (eta = 0, or the step onto the data)."""
+        x_0_pred = self._x_0_pred(x_t, eps_pred, c)
+        if self.config.clip_sample:
+            eps_pred = (x_t - c.sqrt_alpha_bar * x_0_pred) / c.sqrt_one_minus_alpha_bar
+        x_prev = c.sqrt_alpha_bar_prev * x_0_pred + c.ddim_eps * eps_pred
+        if noise is not None:
+            x_prev = x_prev + c.ddim_sigma * noise
+        return x_prev.float()
+
+    def _one_step(self, t: int, t_prev: int, eta: float = 0.0) -> StepCoefficients:
+        """Return the coefficients of one step from t to t_prev (-1 = data)."""
+        visited = [t] if t_prev < 0 else [t, t_prev]
+        return self.step_coefficients(torch.tensor(visited), eta)[0]
+
     def ancestral_step(self, x_t, t: int, t_prev: int, eps_pred, noise):
         """Take one ancestral step from t to the earlier scheduled timestep t_prev (-1 = data).
 
-        Ho et al. 2020, Algorithm 2, on a respaced chain whose step variance is
-        beta' = 1 - alpha_bar_t / alpha_bar_{t_prev}: the mean is the posterior mean at x_0_pred,
-        and the variance is beta' (fixed_large) or (1 - alpha_bar_{t_prev}) / (1 - alpha_bar_t)
-        * beta' (fixed_small). No noise is added on the step that lands on the data (t_prev = -1).
+        The coefficients are those of `step_coefficients`. No noise is added on the step that
+        lands on the data (t_prev = -1).
         """
-        alpha_bar = self.alpha_bar[t]
-        alpha_bar_prev = self.alpha_bar[t_prev] if t_prev >= 0 else self.alpha_bar.new_tensor(1.0)
-        beta = 1 - alpha_bar / alpha_bar_prev
-
-        x_0_pred = (x_t - (1 - alpha_bar).sqrt() * eps_pred) / alpha_bar.sqrt()
-        if self.config.clip_sample:
-            x_0_pred = x_0_pred.clamp(-1, 1)
-        mean = (
-            alpha_bar_prev.sqrt() * beta / (1 - alpha_bar) * x_0_pred
-            + (1 - beta).sqrt() * (1 - alpha_bar_prev) / (1 - alpha_bar) * x_t
-        )
-        if t_prev < 0:
-            return mean.float()
-        if self.config.variance_type == "fixed_small":
-            var = (1 - alpha_bar_prev) / (1 - alpha_bar) * beta
-        else:
-            var = beta
-        return (mean + var.sqrt() * noise).float()
+        c = self._one_step(t, t_prev)
+        return self._ancestral_update(x_t, eps_pred, noise if t_prev >= 0 else None, c)
 
     def ddim_step(self, x_t, t: int, t_prev: int, eps_pred, eta: float = 0.0, noise=None):
         """Take one DDIM step from t to t_prev (-1 = data).
 
-        Song et al. 2021, eq. 12: x_prev = sqrt(alpha_bar_prev) * x_0_pred
-        + sqrt(1 - alpha_bar_prev - sigma^2) * eps_pred + sigma * noise, with eq. 16:
-        sigma = eta * sqrt((1 - alpha_bar_prev) / (1 - alpha_bar_t)
-                           * (1 - alpha_bar_t / alpha_bar_prev)).
-        With clip_sample, x_0_pred is clipped and eps_pred is recomputed from it, as
-        improved-diffusion's DDIM sampler does (diffusers' DDIMScheduler with
-        use_clipped_model_output=True). Keeping the unclipped eps_pred makes the step
-        inconsistent with x_t, and then the 500- and 1000-step trajectories of one model drift
-        apart, which would break the trajectory matching of distill.py.
+        The coefficients are those of `step_coefficients`. With clip_sample, x_0_pred is
+        clipped and eps_pred is recomputed from it, as improved-diffusion's DDIM sampler does
+        (diffusers' DDIMScheduler with use_clipped_model_output=True). Keeping the unclipped
+        eps_pred makes the step inconsistent with x_t, and then the 500- and 1000-step
+        trajectories of one model drift apart, which would break the trajectory matching of
+        distill.py.
         """
-        alpha_bar = self.alpha_bar[t]
-        alpha_bar_prev = self.alpha_bar[t_prev] if t_prev >= 0 else self.alpha_bar.new_tensor(1.0)
-
-        x_0_pred = (x_t - (1 - alpha_bar).sqrt() * eps_pred) / alpha_bar.sqrt()
-        if self.config.clip_sample:
-            x_0_pred = x_0_pred.clamp(-1, 1)
-            eps_pred = (x_t - alpha_bar.sqrt() * x_0_pred) / (1 - alpha_bar).sqrt()
-        sigma = (
-            eta * ((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev)).sqrt()
-        )
-        x_prev = (
-            alpha_bar_prev.sqrt() * x_0_pred + (1 - alpha_bar_prev - sigma**2).sqrt() * eps_pred
-        )
-        if eta > 0:
-            x_prev = x_prev + sigma * noise
-        return x_prev.float()
+        c = self._one_step(t, t_prev, eta)
+        return self._ddim_update(x_t, eps_pred, noise if eta > 0 else None, c)
 
     @torch.no_grad()
     def sample(
@@ -270,55 +325,90 @@ class Diffusion:
         """Run a `steps`-step sampler from the noise x_T and return x_0 in [-1, 1].
 
         `generator` draws the per-step noise of the ancestral sampler and of DDIM with eta > 0.
+        Timesteps and coefficients are computed before the loop, so each step launches the
+        forward, at most one noise draw and the elementwise update, and the loop itself reads
+        nothing back from the device.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
-        timesteps = self.timesteps(steps).tolist()
-        x_t = x_T.float()
-        t_batch = torch.empty(x_T.shape[0], dtype=torch.long, device=x_T.device)
+        timesteps = self.timesteps(steps)
+        coefficients = self.step_coefficients(timesteps, eta)
+        # (steps, B): row i contains timestep i for every image, so no step fills a tensor.
+        t_batches = timesteps.to(x_T.device)[:, None].expand(-1, x_T.shape[0]).contiguous()
+        update = self._ancestral_update if sampler == "ancestral" else self._ddim_update
         stochastic = sampler == "ancestral" or eta > 0
-        for i, t in enumerate(timesteps):
-            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
-            eps_pred = model(x_t, t_batch.fill_(t)).float()
+        last = len(coefficients) - 1
+
+        x_t = x_T.float()
+        for i, c in enumerate(coefficients):
+            eps_pred = model(x_t, t_batches[i]).float()
             noise = None
-            if stochastic and t_prev >= 0:
+            if stochastic and i < last:
                 noise = torch.randn(x_t.shape, device=x_t.device, generator=generator)
-            if sampler == "ancestral":
-                x_t = self.ancestral_step(x_t, t, t_prev, eps_pred, noise)
-            else:
-                x_t = self.ddim_step(x_t, t, t_prev, eps_pred, eta, noise)
+            x_t = update(x_t, eps_pred, noise, c)
         return x_t.clamp(-1, 1)
 
     # ------------------------------------------------------------ variational bound
 
     @torch.no_grad()
-    def nll(self, model: EpsModel, x_0: torch.Tensor, generator: torch.Generator | None = None):
+    def nll(
+        self,
+        model: EpsModel,
+        x_0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+    ):
         """Variational bound on -log p(x_0) for 8-bit images x_0 in [-1, 1].
 
         Returns per-image tensors: `bpd` (bits/dim), `nats` (nats/image), `terms_bpd` (B, T)
         with the decoder term -log p(x_0 | x_1) at t = 0 and
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) at t >= 1, and `prior_bpd`,
         KL(q(x_T | x_0) || N(0, I)). Each term is averaged over dimensions and divided by ln 2
-        (Ho et al. 2020, eq. 5). One network forward per t.
+        (Ho et al. 2020, eq. 5).
+
+        The network runs once per image and t, T * B image-forwards in all. Consecutive
+        timesteps are stacked into network batches of up to `batch_size` images (default B, one
+        timestep per forward), and the bound terms of a batch are computed together. The noise
+        of each t is drawn in order of t whatever the stacking, so `batch_size` changes the
+        result only by float rounding in the network.
         """
         x_0 = x_0.float()
-        batch = x_0.shape[0]
+        B = x_0.shape[0]
+        batch_size = B if batch_size is None else batch_size
+        if batch_size < B:
+            raise ValueError(
+                f"batch_size={batch_size} is smaller than the {B} images; pass at least {B}"
+            )
+        timesteps_per_batch = batch_size // B
         dims = x_0[0].numel()
-        terms_bpd = torch.zeros(batch, self.T, dtype=torch.float64, device=x_0.device)
-        t_batch = torch.empty(batch, dtype=torch.long, device=x_0.device)
         x_0_64 = x_0.double()
-        for t in range(self.T):
-            t_batch.fill_(t)
-            eps = torch.randn(x_0.shape, device=x_0.device, generator=generator)
-            x_t = self.q_sample(x_0, t_batch, eps).float()
-            eps_pred = model(x_t, t_batch).double()
-            mean, var = self.p_mean_var(x_t.double(), t_batch, eps_pred)
-            if t == 0:
-                nats = -discretized_gaussian_log_likelihood(x_0_64, mean, var)
-            else:
-                true_mean, true_var = self.q_posterior(x_0_64, x_t.double(), t_batch)
-                nats = normal_kl(true_mean, true_var, mean, var)
-            terms_bpd[:, t] = mean_flat(nats) / math.log(2.0)
+        terms_bpd = torch.zeros(B, self.T, dtype=torch.float64, device=x_0.device)
+
+        for start in range(0, self.T, timesteps_per_batch):
+            stop = min(start + timesteps_per_batch, self.T)
+            n = stop - start
+
+            # Row j * B + b contains image b at timestep start + j.
+            t = torch.arange(start, stop, device=x_0.device).repeat_interleave(B)  # (n * B,)
+            eps = torch.empty((n, *x_0.shape), device=x_0.device)
+            for eps_t in eps:
+                eps_t.normal_(generator=generator)
+            x_0_rows = x_0.repeat(n, 1, 1, 1)  # (n * B, C, H, W)
+            x_t = self.q_sample(x_0_rows, t, eps.flatten(0, 1)).float()
+
+            # The KL of each term at t >= 1, and the decoder term in its place at t = 0.
+            eps_pred = model(x_t, t).double()
+            x_t_64, x_0_rows_64 = x_t.double(), x_0_64.repeat(n, 1, 1, 1)
+            mean, var = self.p_mean_var(x_t_64, t, eps_pred)
+            true_mean, true_var = self.q_posterior(x_0_rows_64, x_t_64, t)
+            kl_rows = slice(B if start == 0 else 0, None)
+            nats = torch.empty_like(x_t_64)
+            nats[kl_rows] = normal_kl(
+                true_mean[kl_rows], true_var[kl_rows], mean[kl_rows], var[kl_rows]
+            )
+            if start == 0:
+                nats[:B] = -discretized_gaussian_log_likelihood(x_0_64, mean[:B], var[:B])
+            terms_bpd[:, start:stop] = (mean_flat(nats) / math.log(2.0)).view(n, B).T
 
         # Prior term: q(x_T | x_0) = N(sqrt(alpha_bar_T) x_0, (1 - alpha_bar_T) I) against N(0, I).
         alpha_bar_T = self.alpha_bar[-1]

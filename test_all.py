@@ -40,6 +40,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy.stats import norm
 
+import bench
 import checkpoint
 import corruptions
 import data
@@ -50,16 +51,18 @@ import study
 import train
 import unet
 import unlearn
+from bench import random_inception_state, randomize_weights
 from checkpoint import load_model, save_model
 from data import BatchIterator, load_dataset
 from diffusion import (
     Diffusion,
     DiffusionConfig,
     discretized_gaussian_log_likelihood,
+    mean_flat,
     normal_kl,
 )
 from train import TrainConfig, ddpm_step, latest_checkpoint, train_loop
-from unet import PRESETS, UNet, UNetConfig
+from unet import PRESETS, AttentionBlock, UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parent
 
@@ -387,18 +390,6 @@ def diffusers_unet(config: UNetConfig, seed: int):
     model = diffusers.UNet2DModel(**kwargs).eval()
     randomize_weights(model, seed)
     return model
-
-
-def randomize_weights(model: torch.nn.Module, seed: int) -> None:
-    """Redraw every parameter, zero-initialised ones included, so outputs are not trivial."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if "norm" in name and name.endswith("weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            else:
-                param.copy_(0.05 * noise)
 
 
 def save_diffusers_dir(model, folder: Path, variance_type: str = "fixed_large") -> Path:
@@ -1828,28 +1819,6 @@ def test_cifar10c_jpeg_real_images():
 # --- metrics.py: Inception against pytorch-fid, FID, IS, statistics files, sampling
 
 
-def random_inception_state(seed: int) -> dict[str, torch.Tensor]:
-    """Random FID Inception weights that keep activations at order 1 through all layers.
-
-    Default initialization shrinks the pool3 features to about 1e-8, where a relative
-    comparison means nothing, so convolutions get He-scaled weights and batch norms unit-order
-    statistics.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, tensor in metrics.FIDInceptionV3().state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = tensor
-        elif name.endswith("conv.weight") or name == "fc.weight":
-            fan_in = tensor[0].numel()
-            state[name] = torch.randn(tensor.shape, generator=generator) * math.sqrt(2 / fan_in)
-        elif name.endswith(("bn.weight", "running_var")):
-            state[name] = 0.8 + 0.4 * torch.rand(tensor.shape, generator=generator)
-        else:
-            state[name] = 0.2 * torch.rand(tensor.shape, generator=generator) - 0.1
-    return state
-
-
 def pytorch_fid_networks(state: dict[str, torch.Tensor]):
     """Build pytorch-fid's InceptionV3 (pool3) and its full FID Inception from `state`.
 
@@ -1874,7 +1843,8 @@ def networks():
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
+    """Return the norm of the difference over the norm of `expected`, both taken in fp32."""
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 def gaussian_features(count, mean, std, seed):
@@ -3708,7 +3678,7 @@ def test_study_rejects_other_dataset_in_folder(tmp_path):
     record = {"dataset": "cifar10", "preset": "cpu-tiny", "parts": {}, "compositions": {}}
     (out / study.STUDY_FILE).write_text(json.dumps(record))
     args = study.parse_args(["--dataset", "celebahq", "--preset", "cpu-tiny", "--out", str(out)])
-    with pytest.raises(SystemExit, match="holds a study with --dataset cifar10, not celebahq"):
+    with pytest.raises(SystemExit, match="contains a study with --dataset cifar10, not celebahq"):
         study.run_study(args)
 
 
@@ -3728,3 +3698,355 @@ def test_study_paper_preset_uses_script_defaults():
     for name in study.INTERVENTIONS:
         assert study.PRESETS["paper"][name] == []
     assert study.PRESETS["paper"]["train"] is None
+
+
+# --- fast paths: compile, autocast, channels_last, the sampler loop and stacked NLL
+
+# Maximum absolute difference between the compiled and the eager fp32 UNet.
+COMPILE_TOLERANCE = 1e-4
+# Maximum relative error (norm of the difference over the norm of the fp32 output) of bf16
+# autocast. bf16 keeps 8 significant bits, a rounding error of up to 2^-9 = 2e-3 per operation,
+# which the layers accumulate: 1.7e-2 for the tiny UNet and 4.5e-3 for Inception features on
+# the random weights and inputs below.
+BF16_UNET_TOLERANCE = 3e-2
+BF16_INCEPTION_TOLERANCE = 1e-2
+# Maximum absolute difference of sampler outputs in [-1, 1] with and without compile.
+SAMPLER_COMPILE_TOLERANCE = 1e-3
+
+
+def random_tiny_unet(seed: int = 0) -> UNet:
+    model = UNet(PRESETS["tiny"]).eval()
+    randomize_weights(model, seed)
+    return model
+
+
+def unet_inputs(batch: int = 2, seed: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(batch, 3, 32, 32, generator=generator)
+    t = torch.randint(0, 1000, (batch,), generator=generator)
+    return x_t, t
+
+
+@pytest.fixture(scope="module")
+def compiled_tiny():
+    """The tiny UNet and its compiled fp32 eps_model, compiled once for the module's tests."""
+    torch.compiler.reset()
+    model = random_tiny_unet()
+    return model, train.eps_model(model, "off", compile=True)
+
+
+# ---------------------------------------------------------------- UNet fast paths
+
+
+@pytest.mark.slow
+def test_compiled_unet_matches_eager(compiled_tiny):
+    model, compiled = compiled_tiny
+    x_t, t = unet_inputs()
+    with torch.no_grad():
+        expected = model(x_t, t)
+        got = compiled(x_t, t)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < COMPILE_TOLERANCE
+
+
+def test_bf16_unet_near_fp32():
+    model = random_tiny_unet()
+    x_t, t = unet_inputs()
+    with torch.no_grad():
+        expected = model(x_t, t)
+        got = train.eps_model(model, "bf16", compile=False)(x_t, t)
+    assert got.dtype == torch.bfloat16
+    assert expected.abs().mean().item() > 0.1  # random weights keep the output at order one
+    assert relative_error(got, expected) < BF16_UNET_TOLERANCE
+
+
+def test_channels_last_output_equals_contiguous():
+    model = random_tiny_unet()
+    x_t, t = unet_inputs()
+    converted = random_tiny_unet().to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = model(x_t, t)
+        got = converted(x_t.contiguous(memory_format=torch.channels_last), t)
+    assert got.is_contiguous()
+    assert expected.is_contiguous()
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+def test_channels_last_matches_diffusers():
+    diffusers = bench.require("diffusers")
+    model = random_tiny_unet().to(memory_format=torch.channels_last)
+    kwargs = {k: v for k, v in PRESETS["tiny"].to_diffusers().items() if not k.startswith("_")}
+    reference = diffusers.UNet2DModel(**kwargs).eval()
+    reference.load_state_dict(random_tiny_unet().state_dict(), strict=True)
+    x_t, t = unet_inputs()
+    with torch.no_grad():
+        expected = reference(x_t, t).sample
+        got = model(x_t, t)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def hand_counted_flops(preset: str) -> float:
+    """Count one image's forward FLOPs from layer shapes: 2 per multiply-add, biases excluded."""
+    model = UNet(PRESETS[preset]).eval()
+    total = 0
+
+    def conv_flops(module, inputs, output):
+        nonlocal total
+        per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+        total += 2 * per_output * output.numel()
+
+    def linear_flops(module, inputs, output):
+        nonlocal total
+        total += 2 * module.in_features * output.numel()
+
+    def attention_flops(module, inputs, output):
+        nonlocal total
+        _, channels, height, width = inputs[0].shape
+        tokens = height * width
+        total += 2 * 2 * tokens * tokens * channels  # q k^T, then the weights times v
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.register_forward_hook(conv_flops)
+        elif isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(linear_flops)
+        elif isinstance(module, AttentionBlock):
+            module.register_forward_hook(attention_flops)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32), torch.zeros(1, dtype=torch.long))
+    return float(total)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "cifar10"])
+def test_unet_flop_count_matches_hand_count(preset):
+    counted = bench.unet_flops_per_image(preset)
+    assert counted == pytest.approx(hand_counted_flops(preset), rel=1e-9)
+
+
+def test_cifar10_flops_include_attention():
+    # Convolutions and linear layers alone give 12.108 GFLOP, the figure quoted for this UNet.
+    assert bench.unet_flops_per_image("cifar10") / 1e9 == pytest.approx(12.444, abs=0.001)
+
+
+# ---------------------------------------------------------------- runtime flags
+
+
+def runtime_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    train.add_runtime_args(parser)
+    return parser.parse_args(argv)
+
+
+def test_runtime_defaults_on_cpu():
+    args = runtime_args(["--device", "cpu"])
+    device = train.resolve_runtime(args)
+    assert device.type == "cpu"
+    assert args.amp == "off"
+    assert args.compile is False
+
+
+def test_fp16_rejected_for_training():
+    with pytest.raises(ValueError, match="--amp fp16 is for sampling and evaluation only"):
+        train.resolve_runtime(runtime_args(["--device", "cpu", "--amp", "fp16"]))
+
+
+def test_fp16_allowed_for_evaluation():
+    args = runtime_args(["--device", "cpu", "--amp", "fp16"])
+    train.resolve_runtime(args, training=False)
+    assert args.amp == "fp16"
+
+
+def test_train_loop_rejects_fp16(tmp_path):
+    config = train.TrainConfig(steps=1, batch_size=2, lr=1e-4, amp="fp16")
+    with pytest.raises(ValueError, match="amp='fp16' is not supported for training"):
+        train.train_loop(random_tiny_unet(), Diffusion(), iter([]), config, tmp_path, {})
+
+
+def test_autocast_rejects_unknown_precision():
+    with pytest.raises(ValueError, match="amp='fp8'"):
+        train.autocast("fp8", torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- sampler loop
+
+
+@pytest.mark.slow
+def test_sampler_same_with_compile(compiled_tiny):
+    model, compiled = compiled_tiny
+    diffusion = Diffusion()
+    x_T, _ = unet_inputs(seed=5)
+    eager = diffusion.sample(model, x_T, steps=10, generator=torch.Generator().manual_seed(3))
+    got = diffusion.sample(compiled, x_T, steps=10, generator=torch.Generator().manual_seed(3))
+    assert (got - eager).abs().max().item() < SAMPLER_COMPILE_TOLERANCE
+
+
+@pytest.mark.parametrize("variance_type", ["fixed_large", "fixed_small"])
+def test_sampler_equals_public_steps(variance_type):
+    """The loop with precomputed coefficients gives exactly what the step functions give."""
+    diffusion = Diffusion(DiffusionConfig(variance_type=variance_type))
+    model = random_tiny_unet()
+    x_T, _ = unet_inputs(seed=6)
+    with torch.no_grad():
+        got = diffusion.sample(model, x_T, steps=8, generator=torch.Generator().manual_seed(4))
+
+        generator = torch.Generator().manual_seed(4)
+        timesteps = diffusion.timesteps(8).tolist()
+        x_t = x_T
+        for i, t in enumerate(timesteps):
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            eps_pred = model(x_t, torch.full((2,), t))
+            noise = torch.randn(x_t.shape, generator=generator) if t_prev >= 0 else None
+            x_t = diffusion.ancestral_step(x_t, t, t_prev, eps_pred, noise)
+    assert torch.equal(got, x_t.clamp(-1, 1))
+
+
+def test_ddim_with_noise_reaches_data():
+    """DDIM with eta > 0 adds noise on every step but the last, and still finds a point mass."""
+    diffusion = Diffusion()
+    x_star = torch.rand(1, 3, 4, 4) * 1.6 - 0.8
+
+    def oracle(x_t, t):
+        alpha_bar = diffusion.alpha_bar[t].float().view(-1, 1, 1, 1)
+        return (x_t - alpha_bar.sqrt() * x_star) / (1 - alpha_bar).sqrt()
+
+    x_T = torch.randn(3, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    x_0 = diffusion.sample(
+        oracle, x_T, steps=50, sampler="ddim", eta=0.5, generator=torch.Generator().manual_seed(1)
+    )
+    assert torch.allclose(x_0, x_star.expand_as(x_0), atol=1e-4)
+
+
+def test_sampler_passes_precomputed_timesteps():
+    """Every step gets its timestep in a tensor made before the loop, not filled per step."""
+    diffusion = Diffusion()
+    seen = []
+
+    def model(x_t, t):
+        seen.append(t)
+        return torch.zeros_like(x_t)
+
+    diffusion.sample(model, torch.zeros(2, 3, 4, 4), steps=5, sampler="ddim")
+    assert [t.tolist() for t in seen] == [[t, t] for t in diffusion.timesteps(5).tolist()]
+    assert len({t.untyped_storage().data_ptr() for t in seen}) == 1  # rows of one table
+
+
+# ---------------------------------------------------------------- batched NLL
+
+
+def per_t_nll(diffusion: Diffusion, model, x_0: torch.Tensor, generator: torch.Generator):
+    """The bound terms computed one timestep at a time, as diffusion.nll did before batching."""
+    x_0 = x_0.float()
+    batch = x_0.shape[0]
+    terms_bpd = torch.zeros(batch, diffusion.T, dtype=torch.float64)
+    x_0_64 = x_0.double()
+    for t in range(diffusion.T):
+        t_batch = torch.full((batch,), t)
+        eps = torch.randn(x_0.shape, generator=generator)
+        x_t = diffusion.q_sample(x_0, t_batch, eps).float()
+        eps_pred = model(x_t, t_batch).double()
+        mean, var = diffusion.p_mean_var(x_t.double(), t_batch, eps_pred)
+        if t == 0:
+            nats = -discretized_gaussian_log_likelihood(x_0_64, mean, var)
+        else:
+            true_mean, true_var = diffusion.q_posterior(x_0_64, x_t.double(), t_batch)
+            nats = normal_kl(true_mean, true_var, mean, var)
+        terms_bpd[:, t] = mean_flat(nats) / math.log(2.0)
+    return terms_bpd
+
+
+@pytest.mark.parametrize("batch_size", [None, 2 * 7, 2 * 40])
+def test_batched_nll_equals_per_t(batch_size):
+    diffusion = Diffusion(DiffusionConfig(T=40))
+    model = random_tiny_unet()
+    x_0 = torch.randint(0, 256, (2, 3, 32, 32), generator=torch.Generator().manual_seed(2))
+    x_0 = x_0 / 127.5 - 1
+    with torch.no_grad():
+        expected = per_t_nll(diffusion, model, x_0, torch.Generator().manual_seed(9))
+        result = diffusion.nll(
+            model, x_0, generator=torch.Generator().manual_seed(9), batch_size=batch_size
+        )
+    assert result["terms_bpd"].shape == (2, 40)
+    assert torch.allclose(result["terms_bpd"], expected, rtol=1e-6, atol=1e-9)
+    expected_bpd = expected.sum(dim=1) + result["prior_bpd"]
+    assert torch.allclose(result["bpd"], expected_bpd, rtol=1e-7)
+
+
+def test_nll_calls_model_once_per_batch():
+    diffusion = Diffusion(DiffusionConfig(T=10))
+    calls = []
+
+    def model(x_t, t):
+        calls.append(t.tolist())
+        return torch.zeros_like(x_t)
+
+    diffusion.nll(model, torch.zeros(2, 3, 4, 4), batch_size=8)
+    assert calls[0] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert calls[-1] == [8, 8, 9, 9]
+    assert len(calls) == 3
+
+
+def test_nll_rejects_batch_below_images():
+    with pytest.raises(ValueError, match="batch_size=1 is smaller than the 2 images"):
+        Diffusion(DiffusionConfig(T=4)).nll(
+            lambda x_t, t: x_t, torch.zeros(2, 3, 4, 4), batch_size=1
+        )
+
+
+# ---------------------------------------------------------------- Inception fast paths
+
+
+@pytest.fixture(scope="module")
+def inceptions(tmp_path_factory):
+    """The plain Inception with random weights, and the same weights through load_inception."""
+    state = random_inception_state(seed=0)
+    plain = metrics.FIDInceptionV3()
+    plain.load_state_dict(state)
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    torch.save(state, path)
+    loaded, _ = metrics.load_inception(path, cache=path.parent)
+    return plain.eval(), loaded
+
+
+def uint8_images(count: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
+
+
+def test_inception_loads_channels_last(inceptions):
+    _, loaded = inceptions
+    weight = loaded.Conv2d_1a_3x3.conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_inception_fast_path_matches_plain(inceptions):
+    plain, loaded = inceptions
+    images = uint8_images()
+    with torch.no_grad():
+        expected_features, expected_logits = plain(images.float() / 255)
+    features, logits = metrics.inception_outputs(loaded, [images], len(images))
+    assert expected_features.abs().mean() > 0.01  # random weights keep features at order one
+    assert relative_error(torch.from_numpy(features), expected_features) < 1e-5
+    assert relative_error(torch.from_numpy(logits), expected_logits) < 1e-5
+
+
+def test_inception_bf16_near_fp32(inceptions):
+    _, loaded = inceptions
+    images = uint8_images(seed=1)
+    fp32, _ = metrics.inception_outputs(loaded, [images], len(images))
+    bf16, _ = metrics.inception_outputs(loaded, [images], len(images), amp="bf16")
+    assert bf16.dtype == np.float32
+    assert relative_error(torch.from_numpy(bf16), torch.from_numpy(fp32)) < BF16_INCEPTION_TOLERANCE
+
+
+@pytest.mark.slow
+def test_compiled_inception_matches_eager(inceptions):
+    _, loaded = inceptions
+    images = uint8_images(seed=2)
+    expected, _ = metrics.inception_outputs(loaded, [images], len(images))
+    got, _ = metrics.inception_outputs(loaded, [images], len(images), compile=True)
+    assert relative_error(torch.from_numpy(got), torch.from_numpy(expected)) < 1e-5
+
+
+def test_inference_precision_rejects_unknown():
+    with pytest.raises(ValueError, match="amp='fp8'"):
+        metrics.inference_precision(torch.device("cpu"), "fp8")

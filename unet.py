@@ -396,6 +396,7 @@ class AttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
+        # In channels_last, this view is already contiguous.
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
 
         # One head as wide as the channels, so the logits are scaled by 1/sqrt(C).
@@ -512,7 +513,15 @@ class UpBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """Noise-prediction UNet: forward(x_t, t) -> eps_pred."""
+    """Noise-prediction UNet: forward(x_t, t) -> eps_pred.
+
+    The activations run in channels_last (NHWC), the layout that GPU tensor-core convolutions
+    use, and eps_pred comes back contiguous like the usual NCHW input. The weights stay in the
+    layout they were created or loaded in. For inference, `model.to(memory_format=
+    torch.channels_last)` puts them in the activations' layout once. Training keeps them
+    contiguous, because the optimizer moments inherit the layout and safetensors saves only
+    contiguous tensors.
+    """
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -575,7 +584,7 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         emb = F.silu(self.time_embedding(emb.to(x.dtype)))
 
-        h = self.conv_in(x)
+        h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         skips = [h]
         for block in self.down_blocks:
             h, block_skips = block(h, emb)
@@ -583,7 +592,8 @@ class UNet(nn.Module):
         h = self.mid_block(h, emb)
         for block in self.up_blocks:
             h = block(h, skips, emb)
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        eps_pred = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return eps_pred.contiguous()
 
 
 # --------------------------------------------------------------------------- diffusers conversion

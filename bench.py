@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import metrics
 from data import load_dataset
 from diffusion import Diffusion
+from logs import HelpFormatter
 from train import default_amp, default_compile, eps_model
 from unet import PRESETS, UNet
 
@@ -768,7 +769,7 @@ def write_report(path: Path, args, device, results: dict, monitor: LoadMonitor) 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument(
         "--quick",

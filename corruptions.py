@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from data import DATASETS, load_dataset
+from logs import HelpFormatter
 
 # ---------------------------------------------------------------- parameter tables
 
@@ -567,13 +568,13 @@ def save_corruption_grid(
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     grid = commands.add_parser(
         "grid",
         help="write a PNG of every corruption at every severity on held-out images",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     grid.add_argument(
         "--data",

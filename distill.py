@@ -45,7 +45,7 @@ from checkpoint import (
 )
 from data import load_dataset
 from diffusion import Diffusion
-from logs import log_event, save_config
+from logs import HelpFormatter, log_event, save_config
 from train import (
     add_runtime_args,
     autocast,
@@ -368,7 +368,7 @@ def write_report(results, args, out_dir):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--dataset", choices=sorted(PAPER_SETTINGS), default="cifar10")
     parser.add_argument("--stage", type=int, choices=[1, 2], default=2, help="last stage to run")

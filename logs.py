@@ -1,5 +1,6 @@
-"""Log lines, JSON event logs and one-line progress shared by every script."""
+"""Log lines, JSON event logs, one-line progress and command-line help shared by every script."""
 
+import argparse
 import json
 import sys
 import time
@@ -65,3 +66,12 @@ class Progress:
         )
         prefix = "\r" if self.tty else ""
         print(prefix + text, end=end, file=sys.stderr, flush=True)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, except where there is none (None or off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)

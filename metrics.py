@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from checkpoint import atomic_write, load_model, write_json
 from data import cache_dir, load_dataset, read_rgb_image, to_model_range
 from diffusion import SAMPLERS, Diffusion
-from logs import Progress, log_event, save_config, warn
+from logs import HelpFormatter, Progress, log_event, save_config, warn
 
 # ---------------------------------------------------------------------------- constants
 
@@ -1248,7 +1248,7 @@ def parse_worker(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=formatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -49,7 +49,7 @@ from corruptions import (
 )
 from data import BatchIterator, load_dataset, to_model_range
 from diffusion import SAMPLERS, Diffusion
-from logs import log_event, save_config, warn
+from logs import HelpFormatter, log_event, save_config, warn
 from train import PAPER_SETTINGS as TRAIN_SETTINGS
 from train import (
     TrainConfig,
@@ -382,7 +382,7 @@ def write_report(args, results: list[dict]) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument(
         "--dataset", choices=sorted(PAPER_SETTINGS), default="cifar10", help="dataset and settings"

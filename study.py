@@ -30,7 +30,7 @@ import robust
 import train
 import unlearn
 from checkpoint import write_json
-from logs import log_event
+from logs import HelpFormatter, log_event
 from metrics import file_sha256
 from train import checkpoint_path
 from unet import pretrained_path
@@ -220,7 +220,7 @@ def parse_interventions(text: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--dataset", choices=["cifar10", "celebahq"], default="cifar10")
     parser.add_argument(

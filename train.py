@@ -30,7 +30,7 @@ import torch.distributed as dist
 from checkpoint import load_model, load_training_state, save_model, save_training_state, unwrap
 from data import BatchIterator, load_dataset
 from diffusion import Diffusion, DiffusionConfig
-from logs import log_event, save_config
+from logs import HelpFormatter, log_event, save_config
 from unet import PRESETS, UNet
 
 FORMAT_VERSION = 1
@@ -421,7 +421,7 @@ def train_loop(
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--dataset", choices=sorted(PAPER_SETTINGS), default="cifar10")
     parser.add_argument("--data", help="dataset folder; CIFAR-10 is downloaded when omitted")

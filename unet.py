@@ -33,6 +33,7 @@ from torch import nn
 
 from checkpoint import atomic_write, load_model, save_model, write_json
 from diffusion import DiffusionConfig
+from logs import HelpFormatter
 
 DOWN_BLOCK_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "AttnUpBlock2D")
@@ -960,7 +961,7 @@ def pretrained_path(dataset: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -35,7 +35,7 @@ import metrics
 from checkpoint import load_model, write_json
 from data import DEFAULT_FORGET, BatchIterator, load_dataset, split_keep_forget
 from diffusion import SAMPLERS, Diffusion
-from logs import log_event, save_config, warn
+from logs import HelpFormatter, log_event, save_config, warn
 from train import (
     TrainConfig,
     add_runtime_args,
@@ -603,7 +603,7 @@ def resolve_strengths(parser, args) -> list[Strength]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
     parser.add_argument("--dataset", choices=sorted(PAPER_SETTINGS), default="cifar10")
     parser.add_argument("--data", help="dataset folder (CIFAR-10 is downloaded when omitted)")

@@ -49,7 +49,11 @@ def quality_protocol(qualities: list[dict]) -> str:
     )
     measured = [q for q in qualities if q["fid"] is not None]
     if not measured:
-        return f"FID and IS not computed ({first['not_computed']}); {sampling}."
+        # A long reason is cut to its first clause; the parts' results.md files give all of it.
+        reason = first["not_computed"]
+        if len(reason) > 60:
+            reason = reason.split(":")[0]
+        return f"FID and IS not computed ({reason}); {sampling}."
     reference = measured[0]["reference"]
     return (
         f"{sampling}; reference statistics of {reference['n_images']:,} {reference['dataset']} "
@@ -290,7 +294,9 @@ def composition_table(out: Path, study: dict) -> list[str]:
 def grids(out: Path, study: dict) -> list[str]:
     """Return markdown links to every sample grid and corruption grid of the study's parts."""
     folders = [*study["parts"].values(), *(e["part"] for e in study["compositions"].values())]
-    images = sorted(p for folder in folders for p in (out / folder).rglob("*.png"))
+    images = [p for folder in folders for p in (out / folder).rglob("*.png")]
+    # Part by part, the files of a part's own folder before those of its subfolders.
+    images.sort(key=lambda p: (p.relative_to(out).parts[0], len(p.parts), str(p)))
     if not images:
         return []
     links = [f"![{p.relative_to(out)}]({p.relative_to(out).as_posix()})" for p in images]

@@ -691,7 +691,8 @@ def sampler_lines(args, sampler: Row) -> list[str]:
         "",
         f"Full {args.sampler_steps}-step ancestral sampler at batch {sampler.batch} "
         f"({sampler.variant}) against {args.sampler_steps} bare forwards of the same "
-        f"callable and shapes; fastest of {args.repeats} alternating runs each.",
+        f"callable and shapes; fastest of {args.repeats} alternating runs each. A negative "
+        "overhead means that the sampler's own work is below the timing noise of the forwards.",
         "",
         *markdown_table(["sampler (s)", "bare forwards (s)", "overhead"], [row]),
     ]

@@ -477,20 +477,33 @@ def load_dataset(
     For CIFAR-10 the dict maps each class name to its mask. `root` None downloads CIFAR-10.
     `size` resizes the images to size x size (bilinear with antialiasing).
     """
+    check_data_folder(name, root)
     if name == "cifar10":
         images, labels, class_names = load_cifar10(root, split)
         if size is not None and size != CIFAR10_IMAGE_SIZE:
             images = resize_images(images, size)
         masks = {class_name: labels == i for i, class_name in enumerate(class_names)}
         return images, masks
-    if name == "celebahq":
-        if root is None:
-            raise ValueError(
-                "CelebA-HQ cannot be downloaded automatically; pass the folder with the "
-                f"<id>.jpg images and {CELEBAHQ_ANNO_FILE} or {CELEBAHQ_CSV_FILE} with --data"
-            )
-        return load_celebahq(root, size=size, split=split)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return load_celebahq(root, size=size, split=split)
+
+
+def check_data_folder(name: str, root: str | Path | None) -> None:
+    """Raise the error of a missing or wrong dataset folder, so scripts can fail before slow work.
+
+    `root` None is valid for CIFAR-10 alone, which load_dataset then downloads.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if name == "cifar10":
+        if root is not None:
+            find_cifar10_folder(root)
+    elif root is None:
+        raise ValueError(
+            "CelebA-HQ cannot be downloaded automatically; pass the folder with the "
+            f"<id>.jpg images and {CELEBAHQ_ANNO_FILE} or {CELEBAHQ_CSV_FILE} with --data"
+        )
+    else:
+        find_celebahq_folder(root)
 
 
 # ---------------------------------------------------------------------------- keep and forget

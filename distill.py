@@ -43,7 +43,7 @@ from checkpoint import (
     save_training_state,
     write_json,
 )
-from data import load_dataset
+from data import check_data_folder, load_dataset
 from diffusion import Diffusion
 from logs import HelpFormatter, log_event, save_config
 from train import (
@@ -477,6 +477,7 @@ def main(argv=None):
     device = resolve_runtime(args)
     rank, _ = setup_distributed(device)
     out_dir = Path(args.out)
+    check_data_folder(args.dataset, args.data)  # before the teacher's download
     teacher_path = (
         Path(args.teacher) if args.teacher else pretrained_path(args.dataset, args.cache_dir)
     )

@@ -319,6 +319,10 @@ def parts_table(out: Path, study: dict) -> list[str]:
 def write_report(out: str | Path) -> Path:
     """Write `<out>/report.md` from the study record and the parts' results."""
     out = Path(out)
+    if not (out / "study.json").is_file():
+        raise FileNotFoundError(
+            f"{out} contains no study.json; pass the --out folder of a study.py run"
+        )
     study = json.loads((out / "study.json").read_text())
     dataset = study["dataset"]
     parts = {name: read_results(out, study["parts"].get(name)) for name in
@@ -346,7 +350,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", help="study folder that contains study.json")
     args = parser.parse_args(argv)
-    print(write_report(args.out))
+    try:
+        print(write_report(args.out))
+    except FileNotFoundError as error:
+        parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from corruptions import (
     corrupt_model_range,
     save_corruption_grid,
 )
-from data import BatchIterator, load_dataset, to_model_range
+from data import BatchIterator, check_data_folder, load_dataset, to_model_range
 from diffusion import SAMPLERS, Diffusion
 from logs import HelpFormatter, log_event, save_config, warn
 from train import PAPER_SETTINGS as TRAIN_SETTINGS
@@ -492,6 +492,7 @@ def main(argv=None) -> list[dict]:
             f"error: {args.out} already contains checkpoints ({existing[-1].name}). Pass --resume "
             "to continue that run, or choose a new --out"
         )
+    check_data_folder(args.dataset, args.data)  # before the base model's download
     args.base = str(Path(args.base) if args.base else pretrained_path(args.dataset, args.cache_dir))
     rank, _ = setup_distributed(device)
 

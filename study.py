@@ -30,6 +30,7 @@ import robust
 import train
 import unlearn
 from checkpoint import write_json
+from data import check_data_folder
 from logs import HelpFormatter, log_event
 from metrics import file_sha256
 from train import checkpoint_path
@@ -103,8 +104,9 @@ def run_part(
         log_event(out, f"reuse {name}: {folder}", {"event": "reuse", "part": name, "key": key})
         return folder
 
-    # A folder without a finished record contains an interrupted run, which the script resumes.
-    resume = folder.is_dir()
+    # A folder with checkpoints but no finished record contains an interrupted run, which the
+    # script resumes. One stopped before its first checkpoint starts again from the beginning.
+    resume = any(folder.rglob("ckpt_*.safetensors"))
     record = {
         "name": name,
         "script": script,
@@ -167,6 +169,9 @@ def study_base(out: Path, study: dict, args, runtime: list[str]) -> Path:
 def run_study(args) -> Path:
     out = Path(args.out)
     study = open_study(out, args)
+    check_data_folder(args.dataset, args.data)
+    if args.base is not None and not Path(args.base).is_file():
+        raise SystemExit(f"error: --base {args.base} is not a file; pass a model .safetensors file")
     out.mkdir(parents=True, exist_ok=True)
     runtime = [] if args.data is None else ["--data", args.data]
     for flag in ("device", "amp"):
@@ -181,8 +186,6 @@ def run_study(args) -> Path:
         study["base"] = str(base)
     else:
         base = Path(args.base)
-        if not base.is_file():
-            raise SystemExit(f"error: --base {base} is not a file; pass a model .safetensors file")
     write_json(out / STUDY_FILE, study)
 
     for name in args.interventions:

@@ -46,6 +46,7 @@ import corruptions
 import data
 import distill
 import metrics
+import report
 import robust
 import study
 import train
@@ -3516,6 +3517,22 @@ def test_sharded_fid_samples_match_one(script, tmp_path, monkeypatch):
     assert "DDPM_OFFLINE=1" in report
 
 
+@pytest.mark.parametrize("script", [distill, robust, unlearn])
+def test_wrong_data_fails_before_download(script, tmp_path, monkeypatch):
+    """A wrong --data is reported before the base model's download, which would fail offline."""
+    monkeypatch.setenv("DDPM_OFFLINE", "1")
+    missing = tmp_path / "no-such-folder"
+    argv = ["--dataset", "cifar10", "--data", str(missing), "--out", str(tmp_path / "out")]
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 python batches"):
+        script.main([*argv, "--device", "cpu"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_celebahq_without_data_rejected():
+    with pytest.raises(ValueError, match="CelebA-HQ cannot be downloaded automatically"):
+        data.check_data_folder("celebahq", None)
+
+
 # --- study.py: parts, resume, compositions and the report
 
 # Settings small enough for a test: a 16-pixel tiny UNet trained for 2 steps, one image per
@@ -3612,14 +3629,17 @@ def test_study_reuses_resumes_and_composes(tmp_path, monkeypatch):
     assert "| unlearn | distill stage2 |" in report
 
 
-def fake_intervention(calls: list, fail: bool = False):
-    """A stand-in for an intervention script: it records its call, may fail, else finishes."""
+def fake_intervention(calls: list, fail: bool = False, checkpoint: bool = True):
+    """A stand-in for an intervention script: it records its call, may save a checkpoint file
+    and fail after it, else finishes."""
 
     def script(argv):
         calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        if checkpoint:
+            (out / "ckpt_0000001.safetensors").write_bytes(b"weights")
         if fail:
             raise KeyboardInterrupt("killed")
-        out = Path(argv[argv.index("--out") + 1])
         (out / "done").write_text("finished")
 
     return script
@@ -3644,6 +3664,28 @@ def test_study_resumes_unfinished_part(tmp_path, monkeypatch):
     assert json.loads((folder / study.PART_FILE).read_text())["finished"] is True
     study.run_part(out, "robust", "robust", ["--lr", "1"], [], base)
     assert len(calls) == 2
+
+
+def test_study_restarts_part_without_checkpoint(tmp_path, monkeypatch):
+    base = tmp_path / "base.safetensors"
+    base.write_bytes(b"weights")
+    calls = []
+    script = fake_intervention(calls, fail=True, checkpoint=False)
+    monkeypatch.setitem(study.SCRIPTS, "robust", script)
+    out = tmp_path / "study"
+    with pytest.raises(KeyboardInterrupt):
+        study.run_part(out, "robust", "robust", ["--lr", "1"], [], base)
+
+    # Nothing to resume from, so the rerun starts the part afresh in the same folder.
+    monkeypatch.setitem(study.SCRIPTS, "robust", fake_intervention(calls, checkpoint=False))
+    folder = study.run_part(out, "robust", "robust", ["--lr", "1"], [], base)
+    assert "--resume" not in calls[1]
+    assert (folder / "done").is_file()
+
+
+def test_report_rejects_folder_without_study(tmp_path):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path)])
 
 
 def test_study_part_key_follows_settings_and_base(tmp_path):
@@ -3691,7 +3733,15 @@ def test_study_rejects_missing_base(tmp_path):
     args = study.parse_args(["--out", str(tmp_path / "s"), "--base", str(tmp_path / "none.pt")])
     with pytest.raises(SystemExit, match="is not a file"):
         study.run_study(args)
-    assert not (tmp_path / "s" / study.STUDY_FILE).exists()
+    assert not (tmp_path / "s").exists()
+
+
+def test_study_rejects_wrong_data_first(tmp_path):
+    out = tmp_path / "s"
+    args = study.parse_args(["--out", str(out), "--data", str(tmp_path / "no-such-folder")])
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10 python batches"):
+        study.run_study(args)
+    assert not out.exists()
 
 
 def test_study_paper_preset_uses_script_defaults():

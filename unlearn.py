@@ -33,7 +33,7 @@ from torchvision.utils import save_image
 
 import metrics
 from checkpoint import load_model, write_json
-from data import DEFAULT_FORGET, BatchIterator, load_dataset, split_keep_forget
+from data import DEFAULT_FORGET, BatchIterator, check_data_folder, load_dataset, split_keep_forget
 from diffusion import SAMPLERS, Diffusion
 from logs import HelpFormatter, log_event, save_config, warn
 from train import (
@@ -675,6 +675,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     resolve_runtime(args)
+    check_data_folder(args.dataset, args.data)  # before the base model's download
     args.base = str(args.base or pretrained_path(args.dataset, args.cache_dir))
     run(args)
 

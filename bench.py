@@ -10,7 +10,7 @@ It prints each result, the targets met and the other processes that loaded the C
 BENCHMARKS.md.
 
     python bench.py                                # CIFAR-10 UNet, batches 16 and 64
-    python bench.py --quick --out /tmp/bench.md    # smoke run: tiny UNet, small sizes
+    python bench.py --quick                        # smoke run, writes bench-quick.md
 
 Timings on a shared machine are spoiled by any other load, so run it on a quiet one and read the
 load lines. diffusers and pytorch-fid are test-only dependencies: pip install -r
@@ -823,10 +823,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent / "BENCHMARKS.md",
-        help="markdown file to write",
+        help="markdown file to write (default: BENCHMARKS.md beside bench.py for a full run, "
+        "bench-quick.md in the working folder with --quick)",
     )
     args = parser.parse_args(argv)
+    if args.out is None:
+        repository = Path(__file__).resolve().parent
+        args.out = Path("bench-quick.md") if args.quick else repository / "BENCHMARKS.md"
 
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
     for key, value in settings.items():

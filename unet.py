@@ -949,7 +949,7 @@ def pretrained_path(dataset: str, cache_dir: str | Path | None = None) -> Path:
             f"the hub repository {repo} into {folder}/ and run again, or convert a local copy "
             "with `python unet.py convert SRC DST` (SRC: a directory with config.json and the "
             "weights at its root or in unet/, and scheduler_config.json beside them) and pass "
-            "DST to the script with --teacher PATH or --base PATH"
+            "DST with --teacher PATH (distill.py) or --base PATH (robust.py, unlearn.py)"
         ) from err
 
     convert(folder, converted, overwrite=True)

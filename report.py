@@ -94,6 +94,8 @@ def distillation_tables(record: dict | None, dataset: str) -> list[str]:
     name = DATASET_NAMES[dataset]
     fid = table(header, [[name, *(metrics.format_fid(r["quality"]) for r in results)]])
     nll = table(header, [[name, *(nll_cell(r["nll"]) for r in results)]])
+
+    # The L1 distances of each stage, beside those of the base at the same step count.
     control_rows = [
         [
             str(r["stage"]),
@@ -108,6 +110,7 @@ def distillation_tables(record: dict | None, dataset: str) -> list[str]:
          "base at the same steps"],
         control_rows,
     )  # fmt: skip
+
     test_images = f"held-out {dataset} test images"
     l1_protocol = (
         f"L1: mean absolute difference in [-1, 1] between DDIM (eta 0) samples from the same "
@@ -137,11 +140,14 @@ def robustness_tables(record: dict | None, dataset: str) -> list[str]:
     fid = table(header, [[name, *(metrics.format_fid(r["quality"]) for r in results)]])
     nll = table(header, [[name, *(nll_cell(r["nll"]) for r in results)]])
     inception = table(header, [[name, *(metrics.format_is(r["quality"]) for r in results)]])
+
+    # One row per model and one column per image set, the clean one first.
     sets = list(results[0]["robustness"])
     corrupted_rows = [
         [r["label"], *(format_nll(r["robustness"][s]["nll"], "bpd") for s in sets)] for r in results
     ]
     corrupted = table(["Fine-tuning steps", *sets], corrupted_rows)
+
     quality = quality_protocol([r["quality"] for r in results])
     columns = "Columns: fine-tuning steps, the base model first. "
     clean = nll_protocol(results[0]["nll"], f"held-out {dataset} test images", args["seed"])

@@ -39,8 +39,12 @@ from unet import pretrained_path
 INTERVENTIONS = ("distill", "robust", "unlearn")
 
 # Each part's script and the flag that names its starting model.
-SCRIPTS = {"train": train.main, "distill": distill.main, "robust": robust.main}
-SCRIPTS["unlearn"] = unlearn.main
+SCRIPTS = {
+    "train": train.main,
+    "distill": distill.main,
+    "robust": robust.main,
+    "unlearn": unlearn.main,
+}
 BASE_FLAG = {"distill": "--teacher", "robust": "--base", "unlearn": "--base"}
 
 # Arguments of each part per preset. Options left out take the script's paper settings.
@@ -225,7 +229,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=HelpFormatter
     )
-    parser.add_argument("--dataset", choices=["cifar10", "celebahq"], default="cifar10")
+    parser.add_argument(
+        "--dataset", choices=["cifar10", "celebahq"], default="cifar10", help="dataset of the study"
+    )
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -241,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--interventions",
         type=parse_interventions,
-        default=list(INTERVENTIONS),
+        default=",".join(INTERVENTIONS),
         help="comma-separated interventions to run",
     )
     parser.add_argument("--inception", help="Inception weights for FID and IS (.pth)")
